@@ -1,0 +1,1 @@
+"""Offline preparation: .h5ad datasets -> weighted, neighbour-augmented WebDataset shards."""

@@ -1,0 +1,1 @@
+"""The scPRINT-2-style model and its DeepSpeed ZeRO trainer."""
