@@ -1,0 +1,534 @@
+"""Ingest one .h5ad dataset: validated raw counts (CSR), QC, labels -> a resumable work artifact.
+
+The input is streamed in chunks of cells straight from the HDF5 file, so peak memory depends on
+the chunk size, not on the file size. Each output array is appended to a raw file while streaming
+and turned into a ``.npy`` at the end; the whole artifact is written in a temporary folder that is
+renamed into place, with ``meta.json`` written last, so a killed run leaves either nothing or a
+complete artifact (which a rerun loads instead of recomputing).
+
+Which matrix holds the raw counts (``IngestConfig.counts_source="auto"``):
+1. ``layers['counts']`` if present;
+2. else ``X`` if its first chunk holds only non-negative integers;
+3. else ``raw.X`` if present (X looks normalised);
+4. else ``X`` (which then fails validation with a message naming the file).
+
+Labels (per kept cell, stored as per-dataset codes into sorted value lists, -1 = unknown):
+- source column: the sheet's column for the class; else the CELLxGENE schema column (the
+  human-readable ``<class>`` first, then ``<class>_ontology_term_id``); ``-`` in the sheet: none;
+- empty, NaN, "unknown", "na", "n/a", "none", "null" (any case) are unknown;
+- ``cell_culture``: ``"cell culture"`` for tissue_type "cell culture" / "primary cell culture" (or a
+  true boolean), ``"not cell culture"`` for any other known value (tissue, organoid, false);
+- ``organism``: the dataset organism's curie for every cell (one organism per dataset, since gene
+  ids are namespaced by organism; a file whose obs lists several organisms is rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata.io import read_elem, sparse_dataset
+
+from .organisms import Organism, resolve_organism
+from .shard_format import CLASSES, UNKNOWN
+from .sheet import NO_LABEL, DatasetSpec
+
+ARTIFACT_VERSION = 1
+META = "meta.json"
+UNKNOWN_VALUES = frozenset({"", "nan", "none", "null", "unknown", "na", "n/a", "<na>"})
+CULTURE, NOT_CULTURE = "cell culture", "not cell culture"
+_CULTURE_VALUES = frozenset({"cell culture", "primary cell culture", "true", "yes", "1"})
+_NOT_CULTURE_VALUES = frozenset({"false", "no", "0"})
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be ingested; the message names the file and the problem."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+@dataclass
+class IngestConfig:
+    min_genes: int = 200  # QC: drop cells with fewer expressed genes
+    chunk_cells: int = 8192  # cells read per chunk (bounds peak memory)
+    counts_source: str = "auto"  # "auto", "X", "raw" (raw.X) or the name of a layer
+
+    def __post_init__(self):
+        if self.min_genes < 0 or self.chunk_cells < 1:
+            raise ValueError(f"need min_genes >= 0 and chunk_cells >= 1, got {self}")
+
+    def fingerprint(self) -> dict:
+        """The settings that change the artifact (the chunk size does not)."""
+        d = asdict(self)
+        d.pop("chunk_cells")
+        return d
+
+
+@dataclass
+class IngestedDataset:
+    """A loaded ingest artifact; arrays are memory-mapped read-only."""
+
+    dir: Path
+    counts: sp.csr_matrix  # float32 raw counts [n_kept, n_genes], local gene columns
+    genes: list[str]  # gene id of each column
+    cells: np.ndarray  # int64 [n_kept] obs row in the input file
+    nnz: np.ndarray  # int32 [n_kept] expressed genes
+    total: np.ndarray  # float32 [n_kept] library size
+    label_codes: np.ndarray  # int32 [n_kept, 9] codes into label_values, -1 unknown
+    label_values: dict[str, list[str]]  # class -> per-dataset label strings
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def organism(self) -> Organism:
+        return Organism(self.meta["taxon"], self.meta["organism"], self.meta["organism_name"])
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.meta["n_kept"])
+
+    def labels(self, cls: str) -> np.ndarray:
+        """Per kept cell label strings of one class (object array, None where unknown)."""
+        values = np.array([*self.label_values[cls], None], dtype=object)
+        return values[self.label_codes[:, CLASSES.index(cls)]]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> IngestedDataset:
+        d = Path(directory)
+        try:
+            meta = json.loads((d / META).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{d}: no complete ingest artifact ({META} missing)") from None
+        arr = {k: np.load(d / f"{k}.npy", mmap_mode="r") for k in _ARRAYS}
+        genes = json.loads((d / "genes.json").read_text())
+        n = int(meta["n_kept"])
+        counts = sp.csr_matrix((n, len(genes)), dtype=np.float32)
+        # Assign the memory-mapped buffers directly: the constructor would copy or upcast them.
+        counts.data, counts.indices, counts.indptr = arr["data"], arr["indices"], arr["indptr"]
+        return cls(
+            dir=d,
+            counts=counts,
+            genes=genes,
+            cells=arr["cells"],
+            nnz=arr["nnz"],
+            total=arr["total"],
+            label_codes=arr["label_codes"],
+            label_values=json.loads((d / "label_values.json").read_text()),
+            meta=meta,
+        )
+
+
+_ARRAYS = ("indptr", "indices", "data", "cells", "nnz", "total", "label_codes")
+
+
+def ingest_dataset(spec: DatasetSpec, out_dir: str | Path, cfg: IngestConfig) -> IngestedDataset:
+    """Validate, QC and convert one dataset into ``out_dir`` (atomic; resumes when complete).
+
+    A complete artifact written from the same file, sheet row and settings is loaded, not
+    recomputed. Raises DatasetError for unusable input.
+    """
+    out_dir = Path(out_dir)
+    fingerprint = _fingerprint(spec, cfg)
+    if (out_dir / META).is_file():
+        try:
+            done = IngestedDataset.load(out_dir)
+        except (OSError, ValueError, KeyError):
+            done = None  # unreadable: rebuild it
+        if done is not None and done.meta.get("fingerprint") == fingerprint:
+            return done
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _convert(spec, tmp, cfg)
+        meta["fingerprint"] = fingerprint
+        _write_json(tmp / META, meta)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return IngestedDataset.load(out_dir)
+
+
+def _fingerprint(spec: DatasetSpec, cfg: IngestConfig) -> dict:
+    try:
+        size = spec.path.stat().st_size
+    except OSError as e:
+        raise DatasetError(spec.path, f"cannot read the file ({e.strerror or e})") from None
+    described = spec.to_config()
+    described.pop("multiplier")  # used by sampling only
+    return {"version": ARTIFACT_VERSION, "spec": described, "file_bytes": size,
+            "config": cfg.fingerprint()}
+
+
+def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig) -> dict:
+    path = spec.path
+    if spec.min_genes is not None:
+        cfg = replace(cfg, min_genes=spec.min_genes)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DatasetError(path, f"unreadable file, not HDF5/.h5ad ({e})") from None
+    with f:
+        for key in ("obs", "var"):
+            if key not in f:
+                raise DatasetError(path, f"not an AnnData file (no '{key}' group)")
+        obs_cols = _columns(f["obs"], path)
+        organism = spec.organism or _file_organism(f, obs_cols, path)
+        source, matrix, var = _choose_counts(f, path, cfg)
+        reader = _RowReader(matrix, path, source)
+        n_input = reader.shape[0]
+        if n_input == 0:
+            raise DatasetError(path, f"no cells ({source} has 0 rows)")
+        genes = _gene_ids(var, spec.gene_column, path, source)
+        if len(genes) != reader.shape[1]:
+            raise DatasetError(path, f"{source} has {reader.shape[1]} columns, {len(genes)} genes")
+        columns = _label_sources(spec, obs_cols, path)
+        cells = _stream_counts(reader, tmp, cfg)
+        codes, values = _extract_labels(f["obs"], columns, cells, organism)
+    _write_npy(tmp / "label_codes.npy", codes)
+    _write_json(tmp / "genes.json", genes)
+    _write_json(tmp / "label_values.json", values)
+    return {
+        "name": spec.name,
+        "path": str(path),
+        "organism": organism.curie,
+        "taxon": organism.taxon,
+        "organism_name": organism.name,
+        "counts_source": source,
+        "label_columns": columns,
+        "n_input": int(n_input),
+        "n_kept": int(len(cells)),
+        "n_genes": len(genes),
+        "dropped": {"min_genes": int(n_input - len(cells))},
+    }
+
+
+# ---------------------------------------------------------------------------- counts
+
+
+class _RowReader:
+    """Row chunks of an AnnData matrix element (CSR, CSC or dense) as CSR, read on demand."""
+
+    def __init__(self, elem: h5py.Group | h5py.Dataset, path: Path, source: str):
+        self.path, self.source = path, source
+        self._indptr = self._csc = None
+        if isinstance(elem, h5py.Dataset):
+            if elem.ndim != 2:
+                raise DatasetError(path, f"{source} is not a 2-d matrix")
+            self.shape = tuple(elem.shape)
+        else:
+            kind = elem.attrs.get("encoding-type", elem.attrs.get("h5sparse_format", ""))
+            if kind in ("csr_matrix", "csr"):
+                self._indptr = elem["indptr"][:].astype(np.int64)
+            elif kind in ("csc_matrix", "csc"):
+                self._csc = sparse_dataset(elem)
+            else:
+                raise DatasetError(path, f"{source}: unsupported matrix encoding {kind!r}")
+            self.shape = tuple(int(x) for x in elem.attrs["shape"])
+        self._elem = elem
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        e = self._elem
+        if self._indptr is not None:
+            a, b = int(self._indptr[start]), int(self._indptr[stop])
+            ptr = self._indptr[start : stop + 1] - a
+            m = sp.csr_matrix((e["data"][a:b], e["indices"][a:b], ptr),
+                              shape=(stop - start, self.shape[1]))
+        elif self._csc is not None:
+            m = sp.csr_matrix(self._csc[start:stop])
+        else:
+            block = e[start:stop]
+            ncol = max(1, block.shape[1])
+            _validate(block.ravel(), self.path, self.source, lambda i: start + i // ncol)
+            m = sp.csr_matrix(block)
+        return m
+
+
+def _choose_counts(f: h5py.File, path: Path, cfg: IngestConfig):
+    """(source name, matrix element, var group) of the raw counts; see the module docstring."""
+    layers = f.get("layers")
+    has_raw = "raw" in f and "X" in f["raw"]
+    choice = cfg.counts_source
+    if choice == "auto":
+        if layers is not None and "counts" in layers:
+            choice = "counts"
+        elif "X" in f and (not has_raw or _looks_like_counts(f["X"], path, cfg)):
+            choice = "X"
+        elif has_raw:
+            choice = "raw"
+        else:
+            raise DatasetError(path, "no count matrix (no X, layers['counts'] or raw.X)")
+    if choice == "X":
+        if "X" not in f:
+            raise DatasetError(path, "no X matrix")
+        return "X", f["X"], f["var"]
+    if choice == "raw":
+        if not has_raw:
+            raise DatasetError(path, "no raw.X matrix")
+        if "var" not in f["raw"]:
+            raise DatasetError(path, "raw.X has no raw.var gene table")
+        return "raw.X", f["raw"]["X"], f["raw"]["var"]
+    if layers is None or choice not in layers:
+        raise DatasetError(path, f"no layer {choice!r}")
+    return f"layers['{choice}']", layers[choice], f["var"]
+
+
+def _looks_like_counts(elem, path: Path, cfg: IngestConfig) -> bool:
+    reader = _RowReader(elem, path, "X")
+    try:
+        m = reader.rows(0, min(reader.shape[0], cfg.chunk_cells))
+    except DatasetError:
+        return False
+    d = m.data
+    return bool(np.all(np.isfinite(d)) and np.all(d >= 0) and np.all(d == np.round(d)))
+
+
+def _validate(values: np.ndarray, path: Path, source: str, row_of) -> None:
+    """Raise DatasetError at the first NaN/inf, negative or non-integer count.
+
+    ``row_of(i)`` maps a position in ``values`` to its obs row, for the message.
+    """
+    if values.dtype.kind == "f":
+        checks = [
+            (~np.isfinite(values), "NaN/inf"),
+            (values < 0, "negative"),
+            (values != np.round(values), "non-integer"),
+        ]
+    elif values.dtype.kind in "iub":
+        checks = [(values < 0, "negative")]
+    else:
+        raise DatasetError(path, f"{source} has non-numeric dtype {values.dtype}")
+    for bad, what in checks:
+        if bad.any():
+            i = int(np.argmax(bad))
+            hint = (" (normalised data? provide raw counts in layers['counts'] or raw.X)"
+                    if what == "non-integer" else "")
+            raise DatasetError(
+                path, f"{what} values in {source} (e.g. {values[i].item()!r} in cell {row_of(i)}); "
+                f"expected raw integer counts{hint}"
+            )
+
+
+def _stream_counts(reader: _RowReader, tmp: Path, cfg: IngestConfig) -> np.ndarray:
+    """Validate + QC chunk by chunk; append kept rows to the output arrays. Returns kept rows."""
+    out = {
+        "indptr": _Appender(tmp / "indptr.npy", np.int64),
+        "indices": _Appender(tmp / "indices.npy", np.int32),
+        "data": _Appender(tmp / "data.npy", np.float32),
+        "cells": _Appender(tmp / "cells.npy", np.int64),
+        "nnz": _Appender(tmp / "nnz.npy", np.int32),
+        "total": _Appender(tmp / "total.npy", np.float32),
+    }
+    try:
+        _fill(reader, out, cfg)
+    finally:
+        for a in out.values():
+            a.close()
+    for a in out.values():
+        a.finish()
+    return np.load(tmp / "cells.npy")
+
+
+def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig) -> None:
+    out["indptr"].append(np.zeros(1, np.int64))
+    offset = 0
+    n = reader.shape[0]
+    for start in range(0, n, cfg.chunk_cells):
+        stop = min(n, start + cfg.chunk_cells)
+        m = reader.rows(start, stop)
+        _validate(m.data, reader.path, reader.source,
+                  lambda i, p=m.indptr, s=start: s + int(np.searchsorted(p, i, side="right")) - 1)
+        m.sum_duplicates()  # also sorts the column indices
+        m.eliminate_zeros()
+        nnz = np.diff(m.indptr)
+        keep = np.flatnonzero(nnz >= cfg.min_genes)
+        kept = m[keep]
+        out["indptr"].append(offset + np.cumsum(nnz[keep], dtype=np.int64))
+        offset += int(kept.nnz)
+        out["indices"].append(kept.indices)
+        out["data"].append(kept.data)
+        out["cells"].append(start + keep)
+        out["nnz"].append(nnz[keep])
+        out["total"].append(np.asarray(kept.sum(axis=1, dtype=np.float64)).ravel())
+
+
+class _Appender:
+    """Append 1-d chunks to a raw file, then wrap it as a ``.npy`` (memory stays flat)."""
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.n = path, np.dtype(dtype), 0
+        self._part = path.with_suffix(".part")
+        self._fh = open(self._part, "wb")  # noqa: SIM115 (closed in finish)
+
+    def append(self, values: np.ndarray) -> None:
+        np.ascontiguousarray(values, dtype=self.dtype).tofile(self._fh)
+        self.n += len(values)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def finish(self) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.n,)}
+        with open(self.path, "wb") as out, open(self._part, "rb") as src:
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(src, out, 1 << 24)
+        self._part.unlink()
+
+
+# ---------------------------------------------------------------------------- genes, organism
+
+
+def _columns(df: h5py.Group, path: Path) -> list[str]:
+    if "encoding-type" not in df.attrs:
+        raise DatasetError(path, "unsupported pre-0.7 AnnData layout; re-save it with anndata")
+    return [str(c) for c in df.attrs.get("column-order", [])]
+
+
+def _read_column(df: h5py.Group, name: str) -> pd.Series:
+    return pd.Series(read_elem(df[name]))
+
+
+def _gene_ids(var: h5py.Group, column: str | None, path: Path, source: str) -> list[str]:
+    cols = _columns(var, path)
+    if column is not None:
+        if column not in cols:
+            raise DatasetError(path, f"gene_column {column!r} not in var (columns: {cols})")
+        key = column
+    else:
+        key = var.attrs.get("_index", "_index")
+    genes = _read_column(var, key)
+    missing = genes.isna()
+    genes = genes.astype(str).str.strip()
+    if missing.any() or (genes == "").any():
+        raise DatasetError(path, f"empty gene ids in {'var.' + column if column else 'var_names'}")
+    dup = genes[genes.duplicated()]
+    if len(dup):
+        raise DatasetError(
+            path, f"duplicated gene ids for {source}: {len(dup)} duplicates, "
+            f"e.g. {sorted(set(dup))[:5]} (deduplicate or choose another gene_column)"
+        )
+    return genes.tolist()
+
+
+def _file_organism(f: h5py.File, obs_cols: list[str], path: Path) -> Organism:
+    """The dataset organism from obs, then uns (schema keys); one organism per file."""
+    found = None
+    for key in ("organism_ontology_term_id", "organism"):
+        if key in obs_cols:
+            values = sorted(set(_read_column(f["obs"], key).dropna().astype(str)))
+            if len(values) > 1:
+                raise DatasetError(path, f"several organisms in obs['{key}'] ({values[:5]}); "
+                                         "split the file, one organism per dataset")
+            if values:
+                found = values[0]
+                break
+        if found is None and "uns" in f and key in f["uns"]:
+            value = read_elem(f["uns"][key])
+            found = str(value.item() if isinstance(value, np.ndarray) else value)
+            break
+    if found is None:
+        raise DatasetError(path, "unknown organism: none in obs or uns; give it in the sheet's "
+                                 "'organism' column")
+    try:
+        return resolve_organism(found)
+    except ValueError as e:
+        raise DatasetError(path, str(e)) from None
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def _label_sources(spec: DatasetSpec, obs_cols: list[str], path: Path) -> dict[str, str | None]:
+    """class -> obs column used (None: no label). The organism class comes from the dataset."""
+    out: dict[str, str | None] = {}
+    for cls in CLASSES:
+        if cls == "organism":
+            continue
+        given = spec.label_columns.get(cls)
+        if given == NO_LABEL:
+            out[cls] = None
+        elif given:
+            if given not in obs_cols:
+                raise DatasetError(path, f"sheet names obs column {given!r} for {cls}; "
+                                         f"the file has no such column (obs: {obs_cols})")
+            out[cls] = given
+        else:
+            schema = ["tissue_type"] if cls == "cell_culture" else [cls, f"{cls}_ontology_term_id"]
+            out[cls] = next((c for c in schema if c in obs_cols), None)
+    return out
+
+
+def _normalise(value, cls: str) -> str | None:
+    """A label string, or None for unknown. cell_culture becomes CULTURE / NOT_CULTURE."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    text = str(value).strip()
+    key = text.lower()
+    if key in UNKNOWN_VALUES:
+        return None
+    if cls == "cell_culture":
+        if key in _CULTURE_VALUES:
+            return CULTURE
+        return NOT_CULTURE if key in _NOT_CULTURE_VALUES or key else None
+    return text
+
+
+def _extract_labels(obs: h5py.Group, columns: dict[str, str | None], cells: np.ndarray,
+                    organism: Organism) -> tuple[np.ndarray, dict[str, list[str]]]:
+    codes = np.full((len(cells), len(CLASSES)), UNKNOWN, dtype=np.int32)
+    values: dict[str, list[str]] = {}
+    for j, cls in enumerate(CLASSES):
+        if cls == "organism":
+            values[cls] = [organism.curie]
+            codes[:, j] = 0
+            continue
+        col = columns[cls]
+        if col is None:
+            values[cls] = []
+            continue
+        cat = _read_column(obs, col).astype("category")
+        names = [_normalise(v, cls) for v in cat.cat.categories]
+        uniq = sorted({v for v in names if v is not None})
+        index = {v: i for i, v in enumerate(uniq)}
+        table = np.array([index.get(v, UNKNOWN) for v in names] + [UNKNOWN], dtype=np.int32)
+        cell_codes = table[np.asarray(cat.cat.codes)[cells]]  # code -1 (NaN) hits the last slot
+        present = np.unique(cell_codes[cell_codes >= 0])
+        remap = np.full(len(uniq) + 1, UNKNOWN, dtype=np.int32)
+        remap[present] = np.arange(len(present), dtype=np.int32)
+        codes[:, j] = remap[cell_codes]
+        values[cls] = [uniq[i] for i in present]
+    return codes, values
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    os.replace(tmp, path)

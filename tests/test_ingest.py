@@ -1,0 +1,249 @@
+"""Ingest: validation rules, count-matrix choice, streaming, QC, labels, resume."""
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from data_prep import ingest as ingest_mod
+from data_prep.ingest import (
+    CULTURE,
+    NOT_CULTURE,
+    DatasetError,
+    IngestConfig,
+    IngestedDataset,
+    ingest_dataset,
+)
+from data_prep.organisms import resolve_organism
+from data_prep.shard_format import CLASSES
+from data_prep.sheet import DatasetSpec
+
+FIXTURE = "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad"
+CFG = IngestConfig(min_genes=2, chunk_cells=4)
+
+
+def counts_matrix(n_cells=10, n_genes=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(1.0, size=(n_cells, n_genes)).astype(np.float32)
+    x[0] = 0  # an empty cell
+    x[1, :] = 0
+    x[1, 0] = 5  # a cell with one expressed gene
+    return x
+
+
+def write_h5ad(path, x, genes=None, obs=None, uns=None, **kw):
+    n, g = x.shape
+    obs = pd.DataFrame(obs or {}, index=[f"c{i}" for i in range(n)])
+    var = pd.DataFrame(index=genes if genes is not None else [f"g{j}" for j in range(g)])
+    adata = ad.AnnData(X=x, obs=obs, var=var, uns=uns or {"organism": "human"}, **kw)
+    adata.write_h5ad(path)
+    return path
+
+
+def spec_for(path, **kw):
+    return DatasetSpec(name=path.stem, path=path.resolve(), **kw)
+
+
+def run(tmp_path, path, cfg=CFG, **kw):
+    return ingest_dataset(spec_for(path, **kw), tmp_path / "out" / path.stem / "ingest", cfg)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [(0.5, "non-integer"), (-1.0, "negative"), (np.nan, "NaN/inf"), (np.inf, "NaN/inf")],
+)
+def test_rejects_bad_values(tmp_path, value, problem):
+    x = counts_matrix()
+    x[6, 3] = value
+    path = write_h5ad(tmp_path / "bad.h5ad", sp.csr_matrix(x))
+    with pytest.raises(DatasetError, match=problem) as err:
+        run(tmp_path, path)
+    assert str(path) in str(err.value) and "cell 6" in str(err.value)
+    assert not (tmp_path / "out" / "bad" / "ingest").exists()  # nothing half-written
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_rejects_duplicated_gene_ids(tmp_path):
+    path = write_h5ad(tmp_path / "dup.h5ad", counts_matrix(), genes=["a", "b", "c", "a"] * 2)
+    with pytest.raises(DatasetError, match="duplicated gene ids") as err:
+        run(tmp_path, path)
+    assert str(path) in str(err.value) and "'a'" in str(err.value)
+
+
+def test_rejects_empty_dataset(tmp_path):
+    path = write_h5ad(tmp_path / "empty.h5ad", sp.csr_matrix((0, 8), dtype=np.float32))
+    with pytest.raises(DatasetError, match="no cells"):
+        run(tmp_path, path)
+
+
+def test_rejects_unreadable_files(tmp_path):
+    text = tmp_path / "notes.h5ad"
+    text.write_text("not an hdf5 file")
+    with pytest.raises(DatasetError, match="not HDF5") as err:
+        run(tmp_path, text)
+    assert str(text) in str(err.value)
+    import h5py
+
+    with h5py.File(tmp_path / "plain.h5ad", "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(DatasetError, match="not an AnnData file"):
+        run(tmp_path, tmp_path / "plain.h5ad")
+
+
+def test_rejects_unknown_organism(tmp_path):
+    path = write_h5ad(tmp_path / "alien.h5ad", counts_matrix(), uns={"organism": "martian"})
+    with pytest.raises(DatasetError, match="unknown organism 'martian'"):
+        run(tmp_path, path)
+    path = write_h5ad(tmp_path / "none.h5ad", counts_matrix(), uns={"other": 1})
+    with pytest.raises(DatasetError, match="unknown organism"):
+        run(tmp_path, path)
+    # the sheet's organism wins over the file
+    assert run(tmp_path, path, organism=resolve_organism("zebrafish")).meta["taxon"] == 7955
+
+
+def test_counts_layer_and_raw_are_preferred_over_normalised_x(tmp_path):
+    x = counts_matrix()
+    lognorm = sp.csr_matrix(np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4))
+    layer = write_h5ad(tmp_path / "layer.h5ad", lognorm, layers={"counts": sp.csr_matrix(x)})
+    ds = run(tmp_path, layer)
+    assert ds.meta["counts_source"] == "layers['counts']"
+    np.testing.assert_array_equal(ds.counts.toarray(), x[ds.cells])
+
+    raw = ad.AnnData(X=sp.csr_matrix(x), var=pd.DataFrame(index=[f"r{j}" for j in range(8)]))
+    path = write_h5ad(tmp_path / "raw.h5ad", lognorm, raw=raw)
+    ds = run(tmp_path, path)
+    assert ds.meta["counts_source"] == "raw.X"
+    assert ds.genes == [f"r{j}" for j in range(8)]  # genes come from raw.var
+    np.testing.assert_array_equal(ds.counts.toarray(), x[ds.cells])
+
+    with pytest.raises(DatasetError, match="non-integer"):  # forcing X fails validation
+        run(tmp_path, path, IngestConfig(min_genes=2, counts_source="X"))
+
+
+def test_dense_and_integer_x_match_sparse(tmp_path):
+    x = counts_matrix()
+    sparse = run(tmp_path, write_h5ad(tmp_path / "sparse.h5ad", sp.csr_matrix(x)))
+    dense = run(tmp_path, write_h5ad(tmp_path / "dense.h5ad", x))
+    ints = run(tmp_path, write_h5ad(tmp_path / "ints.h5ad", sp.csr_matrix(x.astype(np.int32))))
+    for ds in (dense, ints):
+        assert ds.counts.data.dtype == np.float32
+        np.testing.assert_array_equal(ds.counts.toarray(), sparse.counts.toarray())
+        np.testing.assert_array_equal(ds.cells, sparse.cells)
+
+
+def test_chunked_stream_is_identical_and_bounded(tmp_path, monkeypatch):
+    x = counts_matrix(n_cells=23, n_genes=12, seed=3)
+    path = write_h5ad(tmp_path / "big.h5ad", sp.csr_matrix(x))
+    one = ingest_dataset(spec_for(path), tmp_path / "one", IngestConfig(min_genes=2))
+    seen = []
+    rows = ingest_mod._RowReader.rows
+    monkeypatch.setattr(
+        ingest_mod._RowReader, "rows", lambda self, a, b: seen.append(b - a) or rows(self, a, b)
+    )
+    chunked = ingest_dataset(spec_for(path), tmp_path / "chunked",
+                             IngestConfig(min_genes=2, chunk_cells=3))
+    assert max(seen) <= 3 and len(seen) >= 8  # the file was read in small chunks
+    for name in ("indptr", "indices", "data", "cells", "nnz", "total", "label_codes"):
+        assert (one.dir / f"{name}.npy").read_bytes() == (chunked.dir / f"{name}.npy").read_bytes()
+
+
+def test_qc_drops_and_accounts_cells(tmp_path):
+    x = counts_matrix(n_cells=12, n_genes=8, seed=1)
+    x[2, :3] = 0
+    m = sp.csr_matrix(x)
+    m.data[0] = 0  # an explicit stored zero must not count as expressed
+    assert m.nnz == np.count_nonzero(x)
+    path = write_h5ad(tmp_path / "qc.h5ad", m)
+    nnz = (m.toarray() > 0).sum(1)
+    ds = run(tmp_path, path, IngestConfig(min_genes=4, chunk_cells=5))
+    keep = np.flatnonzero(nnz >= 4)
+    assert ds.meta["n_input"] == 12 and ds.meta["n_kept"] == len(keep) > 0
+    assert ds.meta["dropped"] == {"min_genes": 12 - len(keep)}
+    np.testing.assert_array_equal(ds.cells, keep)
+    np.testing.assert_array_equal(ds.nnz, nnz[keep])
+    np.testing.assert_allclose(ds.total, m.toarray()[keep].sum(1))
+    assert np.all(ds.counts.data > 0) and isinstance(ds.counts.data, np.memmap)
+    np.testing.assert_array_equal(ds.counts.toarray(), m.toarray()[keep])
+
+
+def test_sheet_min_genes_overrides_the_build_threshold(tmp_path):
+    x = counts_matrix(n_cells=12, n_genes=8, seed=1)
+    path = write_h5ad(tmp_path / "panel.h5ad", sp.csr_matrix(x))
+    nnz = (x > 0).sum(1)
+    ds = run(tmp_path, path, IngestConfig(min_genes=200, chunk_cells=5), min_genes=4)
+    assert ds.meta["n_kept"] == int((nnz >= 4).sum()) > 0
+    assert ds.meta["dropped"] == {"min_genes": int((nnz < 4).sum())}
+
+
+def test_schema_labels_on_cellxgene_fixture(tmp_path, shared_data):
+    path = shared_data / FIXTURE
+    ds = ingest_dataset(spec_for(path), tmp_path / "fx", IngestConfig(min_genes=1))
+    obs = ad.read_h5ad(path, backed="r").obs.iloc[ds.cells]
+    assert ds.meta["organism"] == "NCBITaxon:9606"  # from uns
+    assert ds.label_values["organism"] == ["NCBITaxon:9606"]
+    assert ds.meta["label_columns"]["cell_type"] == "cell_type_ontology_term_id"
+    assert ds.meta["label_columns"]["cell_culture"] == "tissue_type"
+    culture = ds.labels("cell_culture")
+    expected = np.where(obs["tissue_type"].astype(str).str.contains("cell culture"),
+                        CULTURE, NOT_CULTURE)
+    assert set(expected) == {CULTURE, NOT_CULTURE}
+    np.testing.assert_array_equal(culture.astype(str), expected)
+    sex = ds.labels("sex")
+    unknown = obs["sex_ontology_term_id"].astype(str).to_numpy() == "unknown"
+    assert unknown.any() and all(s is None for s in sex[unknown])
+    assert np.all(ds.label_codes[unknown, CLASSES.index("sex")] == -1)
+    np.testing.assert_array_equal(
+        ds.labels("cell_type").astype(str), obs["cell_type_ontology_term_id"].astype(str)
+    )
+    assert ds.label_codes.shape == (ds.n_cells, 9)
+    assert ds.label_values["development_stage"] == ["HsapDv:0000003"]
+
+
+def test_sheet_label_columns(tmp_path):
+    obs = {"annotation": ["T", "B", "unknown", "NaN", "T"] * 2, "sex": ["male"] * 10,
+           "cell_type": ["ignored"] * 10, "cultured": [True, False] * 5}
+    path = write_h5ad(tmp_path / "lab.h5ad", counts_matrix(), obs=obs)
+    ds = run(tmp_path, path, IngestConfig(min_genes=0),
+             label_columns={"cell_type": "annotation", "sex": "-", "cell_culture": "cultured"})
+    assert ds.label_values["cell_type"] == ["B", "T"] and ds.label_values["sex"] == []
+    assert ds.labels("cell_culture").tolist() == [CULTURE, NOT_CULTURE] * 5
+    np.testing.assert_array_equal(ds.label_codes[:, 0], [1, 0, -1, -1, 1] * 2)
+    assert np.all(ds.label_codes[:, CLASSES.index("sex")] == -1)
+    with pytest.raises(DatasetError, match="'celltype'"):
+        run(tmp_path, path, IngestConfig(min_genes=0), label_columns={"cell_type": "celltype"})
+
+
+def test_resume_and_atomicity(tmp_path, monkeypatch):
+    path = write_h5ad(tmp_path / "r.h5ad", sp.csr_matrix(counts_matrix()))
+    out = tmp_path / "work" / "r" / "ingest"
+    out.mkdir(parents=True)
+    (out / "indptr.npy").write_bytes(b"partial")  # a stale incomplete artifact
+    (out.parent / ".ingest.tmp-1").mkdir()  # a killed run's temporary folder
+    first = ingest_dataset(spec_for(path), out, CFG)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ingest"]
+    assert json.loads((out / "meta.json").read_text())["n_kept"] == first.n_cells
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(ingest_mod, "_convert", boom)
+    again = ingest_dataset(spec_for(path), out, CFG)
+    np.testing.assert_array_equal(again.counts.toarray(), first.counts.toarray())
+    with pytest.raises(AssertionError, match="recomputed"):  # other settings: rebuilt
+        ingest_dataset(spec_for(path), out, IngestConfig(min_genes=1))
+    assert IngestedDataset.load(out).meta["n_kept"] == first.n_cells  # still intact
+
+
+def test_real_files_ingest(tmp_path, shared_data):
+    """Every shared real file ingests with its organism found in the file."""
+    taxa = {}
+    for path in sorted(shared_data.glob("*.h5ad")):
+        ds = ingest_dataset(spec_for(path), tmp_path / path.stem, IngestConfig(min_genes=20))
+        assert ds.meta["counts_source"] == "X" and ds.n_cells > 0
+        assert ds.counts.shape == (ds.n_cells, len(ds.genes))
+        assert np.all(ds.nnz >= 20)
+        taxa[path.name.split("_")[0]] = ds.organism.taxon
+    assert taxa == {"arabidopsis": 3702, "drosophila": 7227, "human": 9606, "mouse": 10090}
