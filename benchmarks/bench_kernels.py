@@ -1,0 +1,294 @@
+"""Kernel benchmark: fused criss-cross attention and the DeepSet encoder against their references.
+
+Criss-cross rows (B=16, H=8, M=200, D=64, bf16, N in {1024, 3200, 8000}, ~10% padded genes):
+our Triton kernels, the two-SDPA-call reference, and full attention over the N genes (SDPA, and
+flash-attn when installed; no mask, its best case) as the dense alternative.
+
+Counts (per call; e = bytes per element):
+- criss-cross FLOPs: forward 8 B H N M D (two directions, each QK^T and PV at 2 N M D);
+  backward 20 B H N M D (per direction: QK^T recompute, dV, dP, dK, dQ at 2 N M D each = 2.5 x
+  forward), so forward + backward 28 B H N M D.
+- criss-cross bytes (compulsory HBM traffic): forward reads q, k, v and writes out on both sides,
+  4 e B H D (N + M); backward reads q, k, v, out, d_out and writes dq, dk, dv, 8 e B H D (N + M);
+  forward + backward 12 e B H D (N + M). The mask, the fp32 log-sum-exp rows and the small split
+  partials are left out (under 1%).
+- full attention: forward 4 B H N^2 D FLOPs, forward + backward 14 B H N^2 D; bytes 4 e B H N D and
+  12 e B H N D.
+- roofline bound (H100 SXM, bf16 dense): t_min = max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s);
+  "% roofline" = t_min / measured time.
+Peak memory is torch.cuda.max_memory_allocated above what was allocated before the call.
+
+Without CUDA it runs one small configuration through the Triton interpreter for correctness only
+(errors against float64 math), prints the GPU rows' FLOP/byte counts and roofline bounds, and says
+so. Run: `python benchmarks/bench_kernels.py`.
+
+`--compile-check` compiles the criss-cross kernels' GPU launch configurations for an H100 (sm_90)
+with the Triton compiler alone (no device) and prints registers and spill bytes per thread.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+COMPILE_CHECK = "--compile-check" in sys.argv
+if not CUDA and not COMPILE_CHECK:
+    # Without a GPU the kernels can only run through the Triton interpreter; set before importing.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import criss_cross as cc  # noqa: E402
+from kernels import criss_cross_attention, reference_criss_cross_attention  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense tensor cores
+PEAK_BYTES = 3.35e12  # H100 SXM HBM3
+
+
+@dataclass(frozen=True)
+class CrissCrossConfig:
+    batch: int
+    heads: int
+    n_genes: int
+    n_latents: int
+    head_dim: int
+    dtype: torch.dtype
+    padded_fraction: float = 0.1
+
+    @property
+    def elt(self) -> int:
+        return torch.tensor([], dtype=self.dtype).element_size()
+
+    def criss_cross_counts(self) -> tuple[float, float, float, float]:
+        """(forward FLOPs, forward+backward FLOPs, forward bytes, forward+backward bytes)."""
+        bhd = self.batch * self.heads * self.head_dim
+        nm = self.n_genes * self.n_latents
+        rows = self.n_genes + self.n_latents
+        moved = self.elt * bhd * rows
+        return 8.0 * bhd * nm, 28.0 * bhd * nm, 4.0 * moved, 12.0 * moved
+
+    def full_counts(self) -> tuple[float, float, float, float]:
+        bhd = self.batch * self.heads * self.head_dim
+        n = self.n_genes
+        moved = self.elt * bhd * n
+        return 4.0 * bhd * n * n, 14.0 * bhd * n * n, 4.0 * moved, 12.0 * moved
+
+
+GPU_CONFIGS = tuple(CrissCrossConfig(16, 8, n, 200, 64, torch.bfloat16) for n in (1024, 3200, 8000))
+CPU_CONFIG = CrissCrossConfig(2, 2, 100, 20, 32, torch.float32)
+
+
+def roofline_ms(flops: float, nbytes: float) -> float:
+    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES) * 1e3
+
+
+def make_inputs(cfg: CrissCrossConfig, device, dtype=None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = dtype or cfg.dtype
+    shape_x = (cfg.batch, cfg.heads, cfg.n_genes, cfg.head_dim)
+    shape_z = (cfg.batch, cfg.heads, cfg.n_latents, cfg.head_dim)
+    tensors = [torch.randn(*s, generator=gen) for s in (shape_x,) * 3 + (shape_z,) * 3]
+    tensors = [t.to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
+    n_real = cfg.n_genes - torch.randint(
+        0, max(1, int(cfg.padded_fraction * cfg.n_genes) * 2), (cfg.batch,), generator=gen)
+    mask = torch.arange(cfg.n_genes)[None, :] < n_real[:, None]
+    return tensors, mask.to(device)
+
+
+def implementations(cfg: CrissCrossConfig) -> dict:
+    """name -> (function of (tensors, mask) returning outputs, counts)."""
+    cc = cfg.criss_cross_counts()
+    full = cfg.full_counts()
+    impls = {
+        "criss-cross triton": (lambda t, m: criss_cross_attention(*t, m), cc),
+        "criss-cross sdpa reference": (lambda t, m: reference_criss_cross_attention(*t, m), cc),
+        "full attention sdpa": (lambda t, m: (F.scaled_dot_product_attention(*t[:3]),), full),
+    }
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return impls
+    flash = lambda t, m: (flash_attn_func(*(x.transpose(1, 2) for x in t[:3])),)
+    impls["full attention flash-attn"] = (flash, full)
+    return impls
+
+
+def _peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def time_row(name: str, fn, counts, tensors, mask) -> dict:
+    import triton.testing
+
+    grads = [torch.randn_like(o) for o in fn(tensors, mask)]
+
+    def fwd():
+        with torch.no_grad():
+            fn(tensors, mask)
+
+    def fwd_bwd():
+        torch.autograd.backward(fn(tensors, mask), grads)
+        for t in tensors:
+            t.grad = None
+
+    t_f = triton.testing.do_bench(fwd)
+    t_fb = triton.testing.do_bench(fwd_bwd)
+    fl_f, fl_fb, by_f, by_fb = counts
+    bound_f, bound_fb = roofline_ms(fl_f, by_f), roofline_ms(fl_fb, by_fb)
+    return {
+        "impl": name, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
+        "fwd_TFLOPs": fl_f / t_f / 1e9, "fwd_bwd_TFLOPs": fl_fb / t_fb / 1e9,
+        "fwd_GBs": by_f / t_f / 1e6, "fwd_bwd_GBs": by_fb / t_fb / 1e6,
+        "roofline_fwd_bwd_ms": bound_fb, "pct_roofline_fwd": 100 * bound_f / t_f,
+        "pct_roofline_fwd_bwd": 100 * bound_fb / t_fb,
+        "peak_fwd_MiB": _peak_mib(fwd), "peak_fwd_bwd_MiB": _peak_mib(fwd_bwd),
+    }  # fmt: skip
+
+
+def bench_criss_cross_gpu() -> list[dict]:
+    rows = []
+    for cfg in GPU_CONFIGS:
+        tensors, mask = make_inputs(cfg, "cuda")
+        for name, (fn, counts) in implementations(cfg).items():
+            row = {"N": cfg.n_genes} | time_row(name, fn, counts, tensors, mask)
+            rows.append(row)
+        del tensors, mask
+        torch.cuda.empty_cache()
+    return rows
+
+
+def correctness_cpu(cfg: CrissCrossConfig = CPU_CONFIG) -> list[dict]:
+    """Max |error| / max |float64 value| of outputs and gradients, kernel and reference."""
+    tensors, mask = make_inputs(cfg, "cpu")
+    exact = [t.detach().double().requires_grad_(True) for t in tensors]
+    gen = torch.Generator().manual_seed(1)
+    shapes = (tensors[0].shape, tensors[3].shape)
+    d_out = [torch.randn(*s, generator=gen) for s in shapes]
+
+    def run(fn, ts):
+        outs = fn(*ts, mask)
+        loss = sum((o * g.to(o.dtype)).sum() for o, g in zip(outs, d_out))
+        return list(outs) + list(torch.autograd.grad(loss, ts))
+
+    want = run(reference_criss_cross_attention, exact)
+    names = ["out_x", "out_z", "dq_x", "dk_x", "dv_x", "dq_z", "dk_z", "dv_z"]
+    rows = []
+    for impl, fn in (("criss-cross triton (interpreter)", criss_cross_attention),
+                     ("criss-cross sdpa reference", reference_criss_cross_attention)):
+        got = run(fn, tensors)
+        row = {"impl": impl}
+        for name, g, w in zip(names, got, want):
+            row[name] = ((g.double() - w).abs().max() / w.abs().max()).item()
+        rows.append(row)
+    return rows
+
+
+def counts_table() -> list[dict]:
+    rows = []
+    for cfg in GPU_CONFIGS:
+        for name, counts in (("criss-cross", cfg.criss_cross_counts()),
+                             ("full attention", cfg.full_counts())):
+            fl_f, fl_fb, by_f, by_fb = counts
+            rows.append({
+                "N": cfg.n_genes, "op": name, "fwd_GFLOP": fl_f / 1e9,
+                "fwd_bwd_GFLOP": fl_fb / 1e9, "fwd_MB": by_f / 1e6, "fwd_bwd_MB": by_fb / 1e6,
+                "h100_bound_fwd_ms": roofline_ms(fl_f, by_f),
+                "h100_bound_fwd_bwd_ms": roofline_ms(fl_fb, by_fb),
+            })  # fmt: skip
+    return rows
+
+
+def compile_check() -> list[dict]:
+    """Registers and spill bytes per thread of each GPU launch configuration, built for sm_90."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    rows = []
+    for dtype, d in [(torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
+                     (torch.float32, 64)]:
+        for kernel, backward in ((cc._attn_fwd, False), (cc._attn_bwd, True)):
+            opts = cc._launch_options(dtype, d, backward)
+            launch = {k: opts.pop(k) for k in ("num_warps", "num_stages")}
+            const = opts | {"D": d, "HAS_MASK": True} | ({"DQ_ATOMIC": True} if backward else {})
+            sig = {}
+            for n in kernel.arg_names:
+                if n in const:
+                    sig[n] = "constexpr"
+                elif n in ("Q", "K", "V", "O", "DO") and not (n == "O" and not backward):
+                    sig[n] = f"*{names[dtype]}"
+                elif n == "KMASK":
+                    sig[n] = "*u8"
+                elif n in ("O", "LSE", "DQ", "DK", "DV"):
+                    sig[n] = "*fp32"
+                else:
+                    sig[n] = "fp32" if n.endswith("scale") else "i32"
+            # As the JIT specialises contiguous inputs: pointers and strides divisible by 16.
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                     if sig[n].startswith("*") or (n.startswith("s") and sig[n] == "i32")}
+            constexprs = {(kernel.arg_names.index(k),): v for k, v in const.items()}
+            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch)
+            with tempfile.TemporaryDirectory() as tmp:
+                cubin = Path(tmp) / "k.cubin"
+                cubin.write_bytes(compiled.asm["cubin"])
+                usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)],
+                                       capture_output=True, text=True, check=True).stdout
+            regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+            rows.append({
+                "kernel": "backward" if backward else "forward", "dtype": names[dtype], "D": d,
+                "BLOCK_Q": const["BLOCK_Q"], "BLOCK_K": const["BLOCK_K"],
+                "warps": launch["num_warps"], "registers": int(regs), "spill_bytes": int(stack),
+                "shared_bytes": compiled.metadata.shared,
+            })  # fmt: skip
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = [" | ".join(fmt(r.get(k, "")) for k in keys) for r in rows]
+    return "\n".join([" | ".join(keys), *lines])
+
+
+def main() -> None:
+    if COMPILE_CHECK:
+        print("Criss-cross GPU launch configurations compiled for sm_90 (no device used):")
+        print(format_rows(compile_check()))
+        return
+    if CUDA:
+        print(f"Criss-cross attention on {torch.cuda.get_device_name()} "
+              "(B=16, H=8, M=200, D=64, bf16; times in ms)")
+        print(format_rows(bench_criss_cross_gpu()))
+    else:
+        cfg = CPU_CONFIG
+        print("No CUDA device: correctness-only run through the Triton interpreter (no timings).")
+        print(f"Criss-cross B={cfg.batch} H={cfg.heads} N={cfg.n_genes} M={cfg.n_latents} "
+              f"D={cfg.head_dim} fp32, ~10% padded genes; max |err| / max |float64| per tensor:")
+        print(format_rows(correctness_cpu()))
+    print("\nCounts and H100 roofline bounds of the GPU configurations "
+          f"({PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense, {PEAK_BYTES / 1e12:.2f} TB/s):")
+    print(format_rows(counts_table()))
+    from deepset_bench import bench_deepset  # sets TRITON_INTERPRET without CUDA, as above
+
+    device = torch.cuda.get_device_name() if CUDA else "CPU (correctness only)"
+    print(f"\nDeepSet encoder on {device}")
+    print(format_rows(bench_deepset()))
+
+
+if __name__ == "__main__":
+    main()
