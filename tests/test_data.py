@@ -1,0 +1,347 @@
+"""The training data loader: disjoint seeded rank/worker streams, exact resume, corrupt shards,
+context sampling, padding, corruption and the batch contract, on shards built from real cells."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+from data_prep.shard_format import CLASSES, CellSample, encode_sample, sample_key
+from pretrain.data import CellBatches, CellLoader, DataConfig, ShardStream
+
+# Real files, cells taken from each, and their taxon.
+SOURCES = (
+    ("human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad", 150, 9606),
+    ("mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad", 90, 10090),
+)
+N_SHARDS = 6
+
+
+def _neighbours(x: np.ndarray, k: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Exact kNN in a 20-component PCA of log1p(CP10k)."""
+    logn = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    logn -= logn.mean(0)
+    u, s, _ = np.linalg.svd(logn, full_matrices=False)
+    pcs = u[:, :20] * s[:20]
+    d = np.sqrt(((pcs[:, None] - pcs[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    idx = np.argsort(d, axis=1)[:, :k]
+    return idx, np.take_along_axis(d, idx, axis=1).astype(np.float32)
+
+
+def _cell_samples(shared: Path) -> list[CellSample]:
+    samples, start = [], 1
+    for ds, (fname, n, taxon) in enumerate(SOURCES):
+        x = np.asarray(ad.read_h5ad(shared / fname).X[:n].todense(), dtype=np.float32)
+        idx, dist = _neighbours(x)
+        for i in range(n):
+            expr = np.flatnonzero(x[i])
+            nb = x[idx[i]]
+            pad = np.setdiff1d(np.flatnonzero(nb.sum(0)), expr)
+            pad = pad[np.argsort(-nb[:, pad].sum(0), kind="stable")]
+            cols = np.concatenate([expr, pad])
+            n_nbr = 6 - i % 3  # some cells carry fewer than 6 neighbours
+            labels = np.full(len(CLASSES), -1, dtype=np.int32)
+            labels[-1] = ds
+            samples.append(CellSample(
+                gene_ids=(cols + start).astype(np.uint32), counts=x[i, expr],
+                nbr_counts=np.ascontiguousarray(nb[:n_nbr, cols]), nbr_dist=dist[i, :n_nbr],
+                nbr_cells=idx[i, :n_nbr].astype(np.uint32), labels=labels, dataset=ds, cell=i,
+                organism=taxon, group=ds, nnz=len(expr), pseudo_label=-1,
+                total_count=float(x[i].sum()), weight=1.0))
+        start += x.shape[1]
+    return samples
+
+
+def write_shards(samples: list[CellSample], out: Path, n_shards: int) -> Path:
+    """A build_shards-shaped output (manifest + tar shards); eval gets every 8th sample."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(exist_ok=True)
+    order = np.random.default_rng(0).permutation(len(samples))
+    splits = {"eval_shards": order[::8], "shards": np.setdiff1d(order, order[::8])}
+    entries: dict[str, list] = {}
+    for split, idx in splits.items():
+        parts = np.array_split(idx, n_shards if split == "shards" else 2)
+        entries[split] = []
+        for s, part in enumerate(parts):
+            rel = f"shards/{split}-{s:06d}.tar"
+            with tarfile.open(out / rel, "w") as tar:
+                for pos in part:
+                    data = encode_sample(samples[pos])
+                    info = tarfile.TarInfo(f"{sample_key(int(pos))}.cell")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            entries[split].append({"path": rel, "n_samples": len(part),
+                                   "bytes": (out / rel).stat().st_size, "sha256": ""})
+    manifest = {"format": "scpretrain-cells", "format_version": 1, **entries,
+                "n_samples": int(len(splits["shards"])),
+                "n_eval_samples": int(len(splits["eval_shards"]))}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def samples(shared_data: Path) -> list[CellSample]:
+    return _cell_samples(shared_data)
+
+
+@pytest.fixture(scope="module")
+def shards(samples: list[CellSample], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(samples, tmp_path_factory.mktemp("shards"), N_SHARDS)
+
+
+@pytest.fixture(scope="module")
+def by_id(shards: Path, samples: list[CellSample]) -> dict[int, CellSample]:
+    """sample_id -> the sample, read back from the shards."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    out = {}
+    for s, entry in enumerate(manifest["shards"]):
+        with tarfile.open(shards / entry["path"]) as tar:
+            for m in tar.getmembers():
+                out[(s << 32) + int(m.name.split(".")[0])] = samples[int(m.name.split(".")[0])]
+    return out
+
+
+def _cfg(shards: Path, **kw) -> DataConfig:
+    base = dict(shards=str(shards), context=256, short_context_min=64, batch_size=8,
+                shuffle_buffer=16, seed=3)
+    return DataConfig(**{**base, **kw})
+
+
+def _ids(stream: ShardStream, n: int) -> list[int]:
+    return [item[0] for item in itertools.islice(stream.samples(), n)]
+
+
+@pytest.mark.parametrize("world,workers", [(2, 2), (4, 2)])
+def test_slots_are_disjoint_and_cover_each_epoch(shards, by_id, world, workers):
+    # (2, 2): 4 slots share 6 shards by shard; (4, 2): 8 slots > 6 shards, split by sample.
+    cfg = _cfg(shards)
+    n_slots = world * workers
+    for epoch in (0, 1):
+        seen: list[int] = []
+        for slot in range(n_slots):
+            stream = ShardStream(cfg, slot, n_slots)
+            ids = _ids(stream, sum(stream.epoch_size(e) for e in range(epoch + 1)))
+            seen += ids[sum(stream.epoch_size(e) for e in range(epoch)):]
+        assert len(seen) == len(set(seen)) == len(by_id)
+        assert set(seen) == set(by_id)
+    # Epochs reshuffle: a slot's shards and order change from one epoch to the next.
+    s = ShardStream(cfg, 0, 2)
+    assert [x for x, _ in s.plan(0)] != [x for x, _ in s.plan(1)] or _ids(s, 20) != _ids(
+        ShardStream(_cfg(shards, seed=4), 0, 2), 20)
+
+
+def test_ranks_get_disjoint_batches_through_the_loader(shards, by_id):
+    cfg = _cfg(shards, num_workers=0, batch_size=10)
+    epoch_batches = len(by_id) // (2 * 10)
+    ids = [torch.cat([b["sample_id"] for b in itertools.islice(
+        CellLoader(cfg, rank=r, world_size=2), epoch_batches)]).tolist() for r in range(2)]
+    assert not set(ids[0]) & set(ids[1])
+    assert len(set(ids[0])) == len(ids[0]) and set(ids[0]) <= set(by_id)
+
+
+def test_webdataset_reader_gives_the_same_batches(shards):
+    a = itertools.islice(iter(CellBatches(_cfg(shards))), 4)
+    b = itertools.islice(iter(CellBatches(_cfg(shards, reader="webdataset"))), 4)
+    for x, y in zip(a, b, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_seed_reproduces_and_changes_the_stream(shards):
+    def first(seed: int) -> list[dict]:
+        return list(itertools.islice(iter(CellBatches(_cfg(shards, seed=seed))), 3))
+
+    a, b, c = first(3), first(3), first(4)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not all(torch.equal(x["sample_id"], z["sample_id"]) for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_same_batches(shards, workers):
+    cfg = _cfg(shards, num_workers=workers, shuffle_buffer=8)
+    n_epoch = sum(e["n_samples"] for e in json.loads((shards / "manifest.json").read_text())
+                  ["shards"]) // cfg.batch_size
+    stop, total = n_epoch + 3, n_epoch + 7  # the resume point lies in the second epoch
+    full = list(itertools.islice(CellLoader(cfg, rank=1, world_size=2), total))
+    first = CellLoader(cfg, rank=1, world_size=2)
+    _ = list(itertools.islice(first, stop))
+    state = first.state_dict()
+    assert state["batches"] == stop
+    resumed = CellLoader(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = list(itertools.islice(resumed, total - stop))
+    for x, y in zip(full[stop:], rest):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ValueError, match="world_size"):
+        CellLoader(cfg, rank=1, world_size=4).load_state_dict(state)
+
+
+def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "shards").mkdir()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for e in manifest["shards"] + manifest["eval_shards"]:
+        (bad / e["path"]).write_bytes((shards / e["path"]).read_bytes())
+    truncated = bad / manifest["shards"][1]["path"]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
+    (bad / manifest["shards"][2]["path"]).write_bytes(b"this is not a tar file" * 100)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _cfg(bad, batch_size=4)
+    loader = CellLoader(cfg, rank=0, world_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        n = sum(e["n_samples"] for e in manifest["shards"]) // 4
+        batches = list(itertools.islice(loader, n))
+    assert len(batches) == n
+    assert loader.stats["corrupt_shards"] >= 2
+    assert any("unreadable shard" in str(w.message) for w in caught)
+    ids = torch.cat([b["sample_id"] for b in batches])
+    assert not ((ids >> 32) == 2).any()  # nothing from the garbage shard
+
+
+def test_bad_sample_is_skipped(shards, samples, tmp_path):
+    out = tmp_path / "one"
+    out.mkdir()
+    write_shards(samples[:40], out, 1)
+    path = out / "shards" / "shards-000000.tar"
+    raw = bytearray(path.read_bytes())
+    raw[512 : 512 + 4] = b"XXXX"  # the first member's magic
+    path.write_bytes(bytes(raw))
+    stream = ShardStream(_cfg(out), 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = _ids(stream, stream.epoch_size(0) - 1)
+    assert stream.stats["corrupt_samples"] == 1 and len(set(ids)) == len(ids)
+
+
+def test_batch_contract_and_context_sampling(shards, by_id):
+    cfg = _cfg(shards, views=2, short_context_prob=0.0, n_neighbours=4, full_pass_prob=0.25)
+    batches = list(itertools.islice(iter(CellBatches(cfg)), 6))
+    b = batches[0]
+    B, L = cfg.batch_size, cfg.context
+    shapes = {"gene_ids": (B, L), "gene_mask": (B, L), "expressed": (B, L), "counts": (B, L),
+              "input_counts": (B, L), "input_counts_2": (B, L), "zeroed": (B,),
+              "nbr_counts": (B, 6, L), "nbr_dist": (B, 6), "nbr_mask": (B, 6),
+              "total_count": (B,), "labels": (B, 9), "organism": (B,), "dataset": (B,),
+              "group": (B,), "weight": (B,), "sample_id": (B,)}
+    dtypes = {"gene_ids": torch.int64, "labels": torch.int64, "organism": torch.int64,
+              "dataset": torch.int64, "group": torch.int64, "sample_id": torch.int64,
+              "gene_mask": torch.bool, "expressed": torch.bool, "zeroed": torch.bool,
+              "nbr_mask": torch.bool}
+    assert set(b) == set(shapes)
+    for k, shape in shapes.items():
+        assert tuple(b[k].shape) == shape, k
+        assert b[k].dtype == dtypes.get(k, torch.float32), k
+    n_zeroed = 0
+    for b in batches:
+        for i, sid in enumerate(b["sample_id"].tolist()):
+            s = by_id[sid]
+            n_expr, n_genes = s.n_expr, s.gene_ids.shape[0]
+            w = min(L, n_genes)
+            ids = b["gene_ids"][i].numpy()
+            mask = b["gene_mask"][i].numpy()
+            assert mask[:w].all() and not mask[w:].any() and (ids[w:] == 0).all()
+            m = min(L, n_expr)
+            # Expressed genes first, each at most once; then the top-ranked padding genes.
+            col = {int(g): j for j, g in enumerate(s.gene_ids)}
+            pos = np.array([col[int(g)] for g in ids[:w]])
+            assert len(set(pos.tolist())) == w
+            assert (pos[:m] < n_expr).all() and (pos[m:] == n_expr + np.arange(w - m)).all()
+            assert np.array_equal(b["counts"][i, :m].numpy(), s.counts[pos[:m]])
+            assert not b["counts"][i, m:].any() and b["expressed"][i, :m].all()
+            assert not b["expressed"][i, m:].any()
+            # Neighbours: 4 asked, capped by what the sample has; all of them on the full pass.
+            zeroed = bool(b["zeroed"][i])
+            k = min(s.nbr_dist.shape[0], 6 if zeroed else 4)
+            assert b["nbr_mask"][i].tolist() == [j < k for j in range(6)]
+            assert np.array_equal(b["nbr_counts"][i, :k, :w].numpy(), s.nbr_counts[:k, pos])
+            assert not b["nbr_counts"][i, k:].any() and not b["nbr_dist"][i, k:].any()
+            assert np.array_equal(b["nbr_dist"][i, :k].numpy(), s.nbr_dist[:k])
+            assert b["total_count"][i] == np.float32(s.total_count)
+            assert b["organism"][i] == s.organism and b["dataset"][i] == s.dataset
+            for view in ("input_counts", "input_counts_2"):
+                x, y = b["counts"][i], b[view][i]
+                assert (y <= x).all() and (y >= 0).all()
+                assert not zeroed or not y.any()
+            n_zeroed += zeroed
+    assert 0 < n_zeroed < len(batches) * B
+
+
+def test_context_subsamples_without_replacement_uniformly(shards, by_id):
+    # Cells with more expressed genes than the context: L distinct expressed genes, random order.
+    cfg = _cfg(shards, context=64, short_context_min=64, n_neighbours=0, batch_size=16)
+    hits: dict[int, np.ndarray] = {}
+    orders = set()
+    for b in itertools.islice(iter(CellBatches(cfg)), 30):
+        for i, sid in enumerate(b["sample_id"].tolist()):
+            s = by_id[sid]
+            col = {int(g): j for j, g in enumerate(s.gene_ids)}
+            pos = np.array([col[int(g)] for g in b["gene_ids"][i].tolist()])
+            assert len(set(pos.tolist())) == 64 and (pos < s.n_expr).all()
+            hits.setdefault(sid, np.zeros(s.n_expr))[pos] += 1
+            orders.add(bool((np.diff(pos) > 0).all()))
+    assert orders == {False}  # never sorted: random order
+    # Pooled over cells, the chance of a gene being picked is flat in its position (uniform).
+    rel = np.concatenate([np.linspace(0, 1, len(h), endpoint=False)[h > 0] for h in hits.values()])
+    frac = np.histogram(rel, bins=4, range=(0, 1))[0] / len(rel)
+    assert np.all(np.abs(frac - 0.25) < 0.05), frac
+
+
+def test_short_context_and_neighbour_count_rates(shards):
+    cfg = _cfg(shards, batch_size=2, shuffle_buffer=4, context=128, short_context_min=32)
+    Ls, ks = [], []
+    for b in itertools.islice(iter(CellBatches(cfg)), 300):
+        Ls.append(b["gene_ids"].shape[1])
+        ks.append(int(b["nbr_mask"][~b["zeroed"]].sum(1).max()) if (~b["zeroed"]).any() else -1)
+    Ls = np.array(Ls)
+    assert 0.13 < (Ls < 128).mean() < 0.27 and Ls.min() >= 32
+    ks = np.array(ks)[np.array(ks) >= 0]
+    assert ks.min() == 0 and ks.max() == 6 and set(ks.tolist()) == set(range(7))
+
+
+def test_corruption_statistics(shards):
+    cfg = _cfg(shards, full_pass_prob=0.0, n_neighbours=0, batch_size=16)
+    kept = []
+    for b in itertools.islice(iter(CellBatches(cfg)), 8):
+        x, y = b["counts"], b["input_counts"]
+        e = b["expressed"]
+        assert (y <= x).all() and not y[~e].any() and not b["zeroed"].any()
+        assert torch.equal(y, y.round())  # integer counts stay integer
+        kept.append((y[e].sum() / x[e].sum()).item())
+    # E[kept mass] = E[(1 - p/2)^2] with p = 1.1 U(0, 0.8): about 0.60.
+    p = 1.1 * np.random.default_rng(0).uniform(0, 0.8, 100_000)
+    assert abs(np.mean(kept) - np.mean((1 - p / 2) ** 2)) < 0.08
+    assert len(set(np.round(kept, 3))) > 1
+
+
+def test_eval_is_deterministic_and_cycles(shards):
+    cfg = _cfg(shards, split="eval", batch_size=5)
+    loader = CellLoader(cfg, rank=0, world_size=2)
+    assert loader.n_batches >= 1
+    a = list(itertools.islice(loader, loader.n_batches + 2))
+    b = list(itertools.islice(loader, loader.n_batches + 2))
+    for x, y in zip(a, b):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    other = list(itertools.islice(CellLoader(cfg, rank=1, world_size=2), 1))
+    assert not set(a[0]["sample_id"].tolist()) & set(other[0]["sample_id"].tolist())
+
+
+def test_bad_config_and_manifest_errors(tmp_path, shards):
+    with pytest.raises(ValueError, match="views"):
+        DataConfig(views=3)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        ShardStream(DataConfig(shards=str(tmp_path)), 0, 1)
+    with pytest.raises(ValueError, match="rank 2"):
+        CellLoader(_cfg(shards), rank=2, world_size=2)
