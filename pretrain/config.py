@@ -1,0 +1,92 @@
+"""Typed trainer configuration and its command line, generated from the dataclass fields.
+
+Every field of ``TrainConfig`` becomes ``--field-name`` (and ``--field_name``: the DeepSpeed
+convention, e.g. ``--deepspeed_config``), so the command line, the defaults and the resolved
+``RUN/config.json`` can never drift apart. Boolean fields become ``--name`` / ``--no-name``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """What one training run needs besides the model preset and the DeepSpeed JSON."""
+
+    deepspeed_config: str = field(
+        default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON; 'auto' values are "
+                                                   "filled from this config"})
+    shards: str = field(default="", metadata={"help": "build_shards output dir (manifest.json)"})
+    out: str = field(default="", metadata={"help": "run dir: TensorBoard, checkpoints, config"})
+    model: str = field(default="tiny", metadata={"help": "preset: tiny, small, medium, large"})
+    attention: str = field(default="", metadata={"help": "override the preset's attention "
+                                                 "(criss_cross or full); empty keeps the preset"})
+    max_steps: int = field(default=1000, metadata={"help": "stop after this optimizer step"})
+    schedule_steps: int = field(default=0, metadata={
+        "help": "length of the lr schedule (0 = max-steps); set it to train in chunks"})
+    batch_size: int = field(default=8, metadata={"help": "cells per rank per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    context: int = field(default=3200, metadata={"help": "genes per cell (max context)"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
+    warmup_steps: int = field(default=500, metadata={"help": "linear warmup steps"})
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-7
+    grad_clip: float = field(default=40.0, metadata={
+        "help": "max global grad norm, used where the JSON says gradient_clipping 'auto'"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (the JSON decides; 'auto' there means bf16), bf16 or fp32"})
+    seed: int = 0
+    workers: int = field(default=0, metadata={"help": "loader worker processes per rank"})
+    log_every: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps"})
+    ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = end)"})
+    keep_ckpts: int = field(default=3, metadata={"help": "checkpoints kept (latest K)"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (0 = never)"})
+    eval_batches: int = field(default=8, metadata={"help": "batches per evaluation and rank"})
+    resume: bool = field(default=True, metadata={"help": "resume from RUN's latest checkpoint"})
+    peak_tflops: float = field(default=0.0, metadata={
+        "help": "peak TFLOP/s per rank for MFU (0 = known GPU table, else MFU not logged)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
+
+
+def _parser_type(tp: object) -> type:
+    if tp in (int, "int"):
+        return int
+    if tp in (float, "float"):
+        return float
+    return str
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One option per field of ``cls`` (dashes and underscores both accepted)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        help_ = f.metadata.get("help", "")
+        if hints[f.name] is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_)
+        else:
+            parser.add_argument(*names, dest=f.name, type=_parser_type(hints[f.name]),
+                                default=f.default, help=f"{help_} (default: {f.default})")
+
+
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(
+        prog="pretrain/train.py", allow_abbrev=False,
+        description="Pretrain a single-cell foundation model with DeepSpeed ZeRO.")
+    add_dataclass_args(parser, TrainConfig)
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    if not cfg.shards or not cfg.out:
+        parser.error("--shards and --out are required")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        parser.error(f"--precision {cfg.precision!r}: expected auto, bf16 or fp32")
+    return cfg

@@ -1,0 +1,395 @@
+"""Pretrain a single-cell foundation model with DeepSpeed ZeRO, on one machine or many.
+
+    deepspeed [--num_gpus G | --hostfile H] pretrain/train.py \
+        --deepspeed_config ds_configs/zero2.json --shards OUT --out RUN --model tiny --max-steps N
+
+(or the same under ``torchrun``). ``RUN/`` receives TensorBoard events (``RUN/tb``, rank 0 only),
+checkpoints (``RUN/checkpoints/step<N>``, the last ``--keep-ckpts``) and the resolved configuration
+(``RUN/config.json``). A run whose ``RUN/`` holds a checkpoint resumes from it: model, optimizer,
+scheduler, every rank's RNG and data-stream position, so its steps continue the interrupted run's
+loss sequence exactly (bitwise on CPU in fp32). docs/training.md explains the options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # started as a script by deepspeed/torchrun: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from data_prep.shard_format import load_manifest  # noqa: E402
+from pretrain.config import TrainConfig, parse_train_config  # noqa: E402
+from pretrain.evaluate import evaluate  # noqa: E402
+
+CKPT_DIR = "checkpoints"
+# Dense bf16 peak of one device, for MFU when --peak-tflops is not given.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------------------------
+def resolve_ds_config(cfg: TrainConfig, path: str | Path) -> dict:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the trainer config."""
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: DeepSpeed config not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    auto = {"train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum, "gradient_clipping": cfg.grad_clip}
+    for key, value in auto.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    if ds.get("train_batch_size") == "auto":  # DeepSpeed derives it: micro x accum x world
+        del ds["train_batch_size"]
+    bf16 = ds.setdefault("bf16", {})
+    if cfg.precision != "auto":
+        bf16["enabled"] = cfg.precision == "bf16"
+    elif bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = True
+    if ds.get("fp16", {}).get("enabled") is True and bf16["enabled"]:
+        raise ValueError(f"{path}: fp16 and bf16 are both enabled")
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
+    return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device in ("cpu", "nvme")
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` at the schedule's end."""
+    total = cfg.schedule_steps or cfg.max_steps
+    warmup = min(cfg.warmup_steps, max(total - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, ds: dict) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (biases, norms and scalars are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    kw = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if offloads_optimizer(ds):  # the CPU-side step needs DeepSpeed's fused CPU Adam (JIT-built)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+    return torch.optim.AdamW(groups, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-rank state that DeepSpeed does not checkpoint
+# ----------------------------------------------------------------------------------------------
+# The legacy global numpy RNG is saved and seeded on purpose: libraries may draw from it.
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),  # noqa: NPY002
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def memory_per_rank(engine) -> torch.Tensor:
+    """[world, 4] bytes per rank: resident set size, peak accelerator memory, and the parameter
+    and optimizer-state bytes the rank holds (``state_bytes``)."""
+    cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    held = state_bytes(engine)
+    mine = torch.tensor([psutil.Process().memory_info().rss, cuda, held["param_bytes"],
+                         held["optim_bytes"]], dtype=torch.float64)
+    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts)
+
+
+def state_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds for model parameters and for optimizer state (master weights and
+    moments), counting each storage once: what ZeRO partitions."""
+    seen: set[int] = set()
+
+    def size(t: torch.Tensor) -> int:
+        if t.data_ptr() in seen or t.numel() == 0:
+            return 0
+        seen.add(t.data_ptr())
+        return t.numel() * t.element_size()
+
+    params = sum(size(p.ds_tensor if hasattr(p, "ds_tensor") else p)
+                 for p in engine.module.parameters())
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    # ZeRO keeps the fp32 master partitions itself (ZeRO-3 hands them to the inner optimizer
+    # only during its step), so look in both places.
+    masters = [*getattr(engine.optimizer, "single_partition_of_fp32_groups", []),
+               *getattr(engine.optimizer, "fp32_partitioned_groups_flat", []),
+               *(p for g in inner.param_groups for p in g["params"])]
+    optim = sum(size(p) for p in masters)
+    optim += sum(size(v) for s in inner.state.values() for v in s.values()
+                 if torch.is_tensor(v) and v.ndim > 0)
+    return {"param_bytes": params, "optim_bytes": optim}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, loader, keep: int) -> None:
+    """All ranks: DeepSpeed's sharded state plus, in client_state, every rank's loader position
+    and RNG states (gathered, since DeepSpeed writes client_state from rank 0 only)."""
+    mine = {"loader": loader.state_dict(), "rng": rng_state()}
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    client = {"step": step, "world_size": dist.get_world_size(), "ranks": ranks}
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:08d}", client_state=client)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        for old in checkpoint_tags(ckpt_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(engine, ckpt_dir: Path, loader) -> int:
+    """Restore the latest checkpoint in ``ckpt_dir``; returns its step (0 when there is none)."""
+    if not (ckpt_dir / "latest").is_file():
+        return 0
+    path, client = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir}: could not load the checkpoint named in 'latest'")
+    world = dist.get_world_size()
+    if client["world_size"] != world:
+        raise RuntimeError(f"{path}: saved by {client['world_size']} ranks, this run has {world}; "
+                           "resume with the same world size (or export and fine-tune)")
+    mine = client["ranks"][dist.get_rank()]
+    loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    return int(client["step"])
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+def peak_flops(cfg: TrainConfig) -> float:
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+class Trainer:
+    """One rank's view of a run: engine, data, logging, checkpoints."""
+
+    def __init__(self, cfg: TrainConfig):
+        import deepspeed
+
+        from pretrain.data import CellLoader, DataConfig
+        from pretrain.model import ModelConfig, ScPrintModel
+
+        self.cfg = cfg
+        self.run = Path(cfg.out)
+        self.ckpt_dir = self.run / CKPT_DIR
+        if not torch.cuda.is_available():
+            # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks when it starts
+            # (minutes on a small machine); it serves inference_all_reduce only, never training.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.manifest = load_manifest(cfg.shards)
+        self.n_labels = dict(self.manifest["labels"]["n_labels"])
+
+        seed_all(cfg.seed)  # identical initial weights on every rank
+        overrides = {"attention": cfg.attention} if cfg.attention else {}
+        self.model_cfg = ModelConfig.preset(cfg.model, **overrides)
+        model = ScPrintModel(self.model_cfg, int(self.manifest["vocab"]["n_ids"]), self.n_labels)
+        seed_all(cfg.seed + 1000 * (self.rank + 1))  # then distinct dropout/noise per rank
+
+        self.ds_config = resolve_ds_config(cfg, cfg.deepspeed_config)
+        optimizer = build_optimizer(cfg, model, self.ds_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.device = self.engine.device
+
+        self.data_cfg = DataConfig(shards=cfg.shards, context=cfg.context,
+                                   short_context_min=min(cfg.context, DataConfig.short_context_min),
+                                   batch_size=cfg.batch_size, seed=cfg.seed,
+                                   num_workers=cfg.workers)
+        self.loader = CellLoader(self.data_cfg, self.rank, self.world)
+        self.step = load_checkpoint(self.engine, self.ckpt_dir, self.loader) if cfg.resume else 0
+        self.batches = iter(self.loader)
+
+        self.writer = None
+        if self.rank == 0:
+            self.run.mkdir(parents=True, exist_ok=True)
+            self._write_config()
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run wrote after its last checkpoint
+            self.writer = SummaryWriter(str(self.run / "tb"), purge_step=self.step + 1)
+        self.peak = peak_flops(cfg)
+
+    def _write_config(self) -> None:
+        resolved = {"train": asdict(self.cfg), "model": asdict(self.model_cfg),
+                    "data": asdict(self.data_cfg), "deepspeed": self.ds_config,
+                    "world_size": self.world, "n_genes": int(self.manifest["vocab"]["n_ids"]),
+                    "n_labels": self.n_labels}
+        tmp = self.run / "config.json.tmp"
+        tmp.write_text(json.dumps(resolved, indent=1, default=str))
+        os.replace(tmp, self.run / "config.json")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
+        sums: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # this step's lr
+        for _ in range(self.cfg.grad_accum):
+            # torch's DataLoader draws from the global RNG when its iterator starts: keep that
+            # out of the training stream, or a resumed run's dropout would shift by one draw.
+            with torch.random.fork_rng(devices=[]):
+                batch = self._to_device(next(self.batches))
+            out = self.engine(batch)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            for name, value in [("total", out["loss"]), *out["losses"].items()]:
+                key = f"loss/{name}"
+                sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.cfg.grad_accum
+            cells, length = batch["gene_ids"].shape
+            views = 2 if "input_counts_2" in batch else 1
+            sums["cells"] = sums.get("cells", 0.0) + cells
+            sums["tokens"] = sums.get("tokens", 0.0) + float(batch["gene_mask"].sum())
+            sums["flops"] = sums.get("flops", 0.0) + cells * views * float(
+                self.engine.module.flops_per_cell(length, training=True))
+        return sums
+
+    def log(self, sums: dict[str, float], seconds: float) -> None:
+        """All ranks: reduce the step's sums; rank 0 writes the scalars."""
+        sums = {**sums, "corrupt_shards": float(self.loader.stats["corrupt_shards"]),
+                "lr": sums["lr"] / self.world}  # lr is the same on every rank
+        names = sorted(sums)
+        flat = torch.tensor([sums[k] for k in names] + [seconds], dtype=torch.float64)
+        dist.all_reduce(flat)
+        total = dict(zip(names, flat.tolist()))
+        seconds = float(flat[-1]) / self.world
+        memory = memory_per_rank(self.engine)
+        grad_norm = self.engine.get_global_grad_norm()
+        if self.writer is None:
+            return
+        w, step = self.writer, self.step
+        for name in names:
+            if name.startswith("loss/"):
+                w.add_scalar(name, total[name] / self.world, step)
+        w.add_scalar("opt/lr", total["lr"], step)
+        if grad_norm is not None:
+            w.add_scalar("opt/grad_norm", float(grad_norm), step)
+        w.add_scalar("perf/cells_per_s", total["cells"] / seconds, step)
+        w.add_scalar("perf/tokens_per_s", total["tokens"] / seconds, step)
+        w.add_scalar("perf/tflops_per_s", total["flops"] / seconds / 1e12, step)
+        if self.peak > 0:
+            w.add_scalar("perf/mfu", total["flops"] / seconds / (self.peak * self.world), step)
+        for r, (rss, cuda, param, optim) in enumerate(memory.tolist()):
+            w.add_scalar(f"memory/rss_gib/rank{r}", rss / 2**30, step)
+            w.add_scalar(f"memory/param_mib/rank{r}", param / 2**20, step)
+            w.add_scalar(f"memory/optim_mib/rank{r}", optim / 2**20, step)
+            if cuda > 0:
+                w.add_scalar(f"memory/cuda_max_gib/rank{r}", cuda / 2**30, step)
+        w.add_scalar("data/corrupt_shards", total["corrupt_shards"], step)
+
+    def run_eval(self) -> None:
+        from pretrain.data import CellLoader
+
+        if not self.manifest.get("eval_shards"):
+            return
+        saved = rng_state()  # evaluation must not shift the training run's random streams
+        loader = CellLoader(replace(self.data_cfg, split="eval"), self.rank, self.world)
+        self.engine.eval()
+        metrics = evaluate(lambda b: self.engine(self._to_device(b)), loader, self.n_labels,
+                           self.cfg.eval_batches)
+        self.engine.train()
+        set_rng_state(saved)
+        if self.writer is not None:
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, self.step)
+            print(f"[eval] step {self.step} " + " ".join(
+                f"{k.split('/', 1)[1]}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        if self.rank == 0 and self.step:
+            print(f"[train] resumed from step {self.step}", flush=True)
+        self.engine.train()
+        while self.step < cfg.max_steps:
+            start = time.perf_counter()
+            sums = self.train_step()
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.log(sums, time.perf_counter() - start)
+                if self.rank == 0:
+                    print(f"[train] step {self.step} loss {sums['loss/total']:.6f} (rank 0)",
+                          flush=True)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.run_eval()
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:
+                save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loader,
+                                cfg.keep_ckpts)
+                if self.rank == 0:
+                    print(f"[train] checkpoint step {self.step}", flush=True)
+        if self.writer is not None:
+            self.writer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_train_config(argv)
+    trainer = Trainer(cfg)
+    trainer.fit()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
