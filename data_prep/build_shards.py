@@ -1,0 +1,198 @@
+"""Build weighted, neighbour-augmented WebDataset shards from .h5ad datasets.
+
+    python -m data_prep.build_shards [INPUT.h5ad|DIR ...] [--sheet SHEET.csv] --out OUT
+
+Stages: ingest each dataset (validate, QC, CSR) -> cell graph per dataset (PCA, kNN, Leiden,
+pseudo-labels) -> gene and label vocabularies -> sampling weights -> the epoch's weighted stream ->
+tar shards -> OUT/manifest.json -> OUT/report/. The per-dataset stages run in ``--jobs``
+processes. Every stage resumes: rerun the same command after a crash or ``kill -9`` and it
+finishes with byte-identical output. A bad dataset is logged, counted as "rejected: <problem>" in
+the manifest's accounting and skipped, unless ``--strict``.
+
+On a cluster, split the datasets over W machines (a job array): worker I runs the same command
+with ``--num-workers W --worker-index I --out PART_I``; it does the per-dataset stages of its
+share and writes PART_I/part.json. Then ``python -m data_prep.merge PART_0 ... PART_{W-1} --out
+OUT`` builds the vocabularies, stream, shards, manifest and report from the parts; the result is
+identical to a single run over all datasets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import h5py
+from tqdm import tqdm
+
+from data_prep import atomic
+from data_prep.assemble import DatasetRecord, assemble
+from data_prep.config import BuildConfig, add_config_flags, config_from_args
+from data_prep.graph import build_graph
+from data_prep.ingest import DatasetError, ingest_dataset
+from data_prep.sheet import DatasetSpec, SheetError, discover_inputs
+
+log = logging.getLogger("data_prep")
+PART_FILE = "part.json"
+
+
+def mp_context():
+    """Fresh interpreters for worker processes (no forked copies of the parent's state)."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def progress_factory(enabled: bool):
+    def progress(total: int, desc: str) -> tqdm:
+        return tqdm(total=total, desc=desc, disable=not enabled, unit="item", dynamic_ncols=True)
+
+    return progress
+
+
+def given_paths(specs: list[DatasetSpec], inputs: list[str], sheet: str | None) -> list[str]:
+    """Each dataset's path as the user gave it (a directory input joined with the file name, a
+    sheet row relative to the sheet as given), so outputs hold no machine-specific paths."""
+    out = []
+    for spec in specs:
+        path = str(spec.path)
+        for item in inputs:
+            p = Path(item)
+            if p.is_dir() and p.resolve() == spec.path.parent:
+                path = os.path.join(item, spec.path.name)
+                break
+            if p.is_file() and p.resolve() == spec.path:
+                path = item
+                break
+        else:
+            if sheet is not None:
+                rel = os.path.relpath(spec.path, Path(sheet).resolve().parent)
+                path = os.path.normpath(os.path.join(os.path.dirname(sheet), rel))
+        out.append(path)
+    return out
+
+
+def process_dataset(spec: DatasetSpec, work: Path, cfg: BuildConfig) -> dict:
+    """Ingest + graph of one dataset (in a worker process). Returns the record's outcome fields;
+    a bad dataset becomes ``status="rejected"`` unless ``cfg.strict``."""
+    d = work / spec.name
+    try:
+        ds = ingest_dataset(spec, d / "ingest", cfg.ingest)
+        if ds.n_cells:
+            build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed)
+    except Exception as e:
+        if cfg.strict:
+            raise
+        problem = e.problem if isinstance(e, DatasetError) else f"{type(e).__name__}: {e}"
+        return {"status": "rejected", "problem": problem, "n_input": count_cells(spec.path)}
+    return {"status": "ok", "ingest_dir": str((d / "ingest").resolve()),
+            "graph_dir": str((d / "graph").resolve())}
+
+
+def count_cells(path: Path) -> int:
+    """Best-effort cell count of a file that could not be ingested (0 if unreadable)."""
+    try:
+        with h5py.File(path, "r") as f:
+            obs = f["obs"]
+            return int(obs[obs.attrs.get("_index", "_index")].shape[0])
+    except Exception:
+        return 0
+
+
+def run_datasets(specs: list[DatasetSpec], given: list[str], indices: list[int], work: Path,
+                 cfg: BuildConfig, jobs: int, progress) -> list[DatasetRecord]:
+    """The per-dataset stages for ``specs[i] for i in indices``, in ``jobs`` processes."""
+    records = {i: DatasetRecord(index=i, name=specs[i].name, path=given[i],
+                                multiplier=specs[i].multiplier) for i in indices}
+    bar = progress(len(indices), "ingest + graph")
+    if jobs <= 1:
+        outcomes = ((i, process_dataset(specs[i], work, cfg)) for i in indices)
+        for i, outcome in outcomes:
+            _apply(records[i], outcome)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=mp_context()) as pool:
+            futures = {i: pool.submit(process_dataset, specs[i], work, cfg) for i in indices}
+            for i, fut in futures.items():
+                _apply(records[i], fut.result())
+                bar.update(1)
+    bar.close()
+    return [records[i] for i in indices]
+
+
+def _apply(rec: DatasetRecord, outcome: dict) -> None:
+    for key, value in outcome.items():
+        setattr(rec, key, value)
+    if rec.status != "ok":
+        log.warning("rejected dataset %s (%s): %s", rec.name, rec.path, rec.problem)
+
+
+def write_part(out: Path, records: list[DatasetRecord], cfg: BuildConfig, n_datasets: int,
+               num_workers: int, worker_index: int) -> None:
+    doc = {"config": cfg.to_dict(), "n_datasets": n_datasets, "num_workers": num_workers,
+           "worker_index": worker_index,
+           "datasets": [{**r.public(), "ingest_dir": os.path.relpath(r.ingest_dir, out) if
+                         r.ingest_dir else "", "graph_dir": os.path.relpath(r.graph_dir, out)
+                         if r.graph_dir else ""} for r in records]}
+    atomic.write_text(out / PART_FILE, json.dumps(doc, sort_keys=True, indent=1) + "\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.build_shards", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="*", help=".h5ad files or directories of them")
+    p.add_argument("--sheet", help="dataset sheet (CSV: path, organism, label columns...)")
+    p.add_argument("--out", required=True, help="output folder (or this worker's part folder)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes (default: 1)")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="split the datasets over this many machines (then run data_prep.merge)")
+    p.add_argument("--worker-index", type=int, default=0, help="this machine's share, 0-based")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--strict", action="store_true",
+                      help="stop at the first bad dataset")
+    mode.add_argument("--keep-going", dest="strict", action="store_false",
+                      help="count bad datasets as rejected and go on (default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if not 0 <= args.worker_index < args.num_workers:
+        log.error("--worker-index must be in [0, --num-workers)")
+        return 2
+    cfg = config_from_args(args)
+    out = Path(args.out)
+    progress = progress_factory(not args.quiet)
+    try:
+        specs = discover_inputs(args.inputs, args.sheet)
+        given = given_paths(specs, args.inputs, args.sheet)
+        indices = list(range(args.worker_index, len(specs), args.num_workers))
+        records = run_datasets(specs, given, indices, out / "work" / "datasets", cfg, args.jobs,
+                               progress)
+        if args.num_workers > 1:
+            write_part(out, records, cfg, len(specs), args.num_workers, args.worker_index)
+            log.info("part %d/%d written to %s; join the parts with python -m data_prep.merge",
+                     args.worker_index, args.num_workers, out)
+            return 0
+        man = assemble(out, records, cfg, args.jobs, mp_context(), progress)
+    except (DatasetError, SheetError, FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s", e)
+        return 1
+    total = man["accounting"]["total"]
+    log.info("%d train samples in %d shards, %d eval samples; %d of %d input cells packed; "
+             "report in %s", man["n_samples"], len(man["shards"]), man["n_eval_samples"],
+             total["packed"], total["input"], out / "report")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

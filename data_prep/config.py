@@ -1,0 +1,164 @@
+"""The build configuration: one typed dataclass composed of each stage's settings.
+
+Every constant of the pipeline is a field here and a ``build_shards`` flag (generated from the
+fields, so the two cannot drift apart). ``BuildConfig.to_dict()`` is what the manifest records;
+settings that only change how the work is scheduled (``--jobs``, worker split) are not in it, so a
+split build and a single run produce the same manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+
+from data_prep.graph import GraphConfig
+from data_prep.ingest import IngestConfig
+from data_prep.pack import PackConfig
+from data_prep.vocab import VocabConfig
+from data_prep.weights import (
+    CURRICULUM_OFFSET,
+    CURRICULUM_SPAN,
+    DEPTH_MIDPOINT,
+    DEPTH_SCALE,
+    DEPTH_SLOPE,
+    GROUP_SCALE,
+    curriculum_gamma,
+)
+
+
+@dataclass
+class WeightConfig:
+    """Sampling weights (see data_prep.weights)."""
+
+    group_scale: float = GROUP_SCALE  # S in W_c = S n_c / (n_c + S)
+    epoch: int = 0  # epoch of the curriculum gamma = min(1, (epoch + offset) / span)
+    gamma: float | None = None  # fixed gamma (overrides the curriculum)
+    curriculum_offset: float = CURRICULUM_OFFSET
+    curriculum_span: float = CURRICULUM_SPAN
+    depth_scale: float = DEPTH_SCALE  # w_i = 1 + scale * sigmoid(slope * (nnz_i - midpoint))
+    depth_slope: float = DEPTH_SLOPE
+    depth_midpoint: float = DEPTH_MIDPOINT
+
+    def effective_gamma(self) -> float:
+        if self.gamma is not None:
+            return float(self.gamma)
+        return curriculum_gamma(self.epoch, self.curriculum_offset, self.curriculum_span)
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    strict: bool = False  # stop at the first bad dataset instead of counting it as rejected
+    vocab: str | None = None  # previous output's vocab/ folder to extend (ids stay stable)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    weights: WeightConfig = field(default_factory=WeightConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
+    vocab_sizing: VocabConfig = field(default_factory=VocabConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weights"]["effective_gamma"] = self.weights.effective_gamma()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildConfig:
+        d = dict(d)
+        weights = dict(d.pop("weights"))
+        weights.pop("effective_gamma", None)
+        return cls(
+            ingest=IngestConfig(**d.pop("ingest")),
+            graph=GraphConfig(**d.pop("graph")),
+            weights=WeightConfig(**weights),
+            pack=PackConfig(**d.pop("pack")),
+            vocab_sizing=VocabConfig(**d.pop("vocab_sizing")),
+            **d,
+        )
+
+
+# flag -> (section, field, help). Section None = a top-level BuildConfig field.
+FLAGS: dict[str, tuple[str | None, str, str]] = {
+    "--seed": (None, "seed", "seed of every random choice (PCA, kNN, Leiden, hold-out, stream)"),
+    "--min-genes": ("ingest", "min_genes", "QC: drop cells with fewer expressed genes"),
+    "--chunk-cells": ("ingest", "chunk_cells", "cells read per chunk while ingesting"),
+    "--counts-source": ("ingest", "counts_source",
+                        "raw counts matrix: auto, X, raw (raw.X) or a layer name"),
+    "--target-sum": ("graph", "target_sum", "normalise each cell to this total before log1p"),
+    "--n-hvg": ("graph", "n_hvg", "highly variable genes for the PCA"),
+    "--hvg-bins": ("graph", "hvg_bins", "mean bins for the HVG dispersion z-score"),
+    "--n-pcs": ("graph", "n_pcs", "PCA components"),
+    "--pca-oversample": ("graph", "pca_oversample", "randomized SVD oversampling"),
+    "--pca-power-iters": ("graph", "pca_power_iters", "randomized SVD power iterations"),
+    "--k": ("graph", "k", "nearest neighbours of the kNN graph (for Leiden)"),
+    "--neighbours": ("graph", "n_neighbours_kept",
+                     "nearest neighbours stored with each sample (<= 6)"),
+    "--exact-knn-below": ("graph", "exact_knn_below",
+                          "exact kNN below this many cells, pynndescent above"),
+    "--nnd-jobs": ("graph", "nnd_jobs", "pynndescent threads (1 = reproducible)"),
+    "--nnd-n-iters": ("graph", "nnd_n_iters", "pynndescent iterations (default: its own)"),
+    "--leiden-resolution": ("graph", "leiden_resolution", "Leiden resolution"),
+    "--leiden-iterations": ("graph", "leiden_iterations", "Leiden iterations (-1: until stable)"),
+    "--min-subcluster": ("graph", "min_subcluster",
+                         "pseudo-label sub-clusters smaller than this fold into their cell type"),
+    "--graph-chunk-rows": ("graph", "chunk_rows", "rows per streaming chunk of the graph stage"),
+    "--group-scale": ("weights", "group_scale", "S of the group weight S*n/(n+S)"),
+    "--epoch": ("weights", "epoch", "epoch whose stream is drawn (sets the curriculum gamma)"),
+    "--gamma": ("weights", "gamma", "fixed group-weight exponent (default: curriculum)"),
+    "--curriculum-offset": ("weights", "curriculum_offset", "gamma = min(1, (epoch+offset)/span)"),
+    "--curriculum-span": ("weights", "curriculum_span", "see --curriculum-offset"),
+    "--depth-scale": ("weights", "depth_scale", "w = 1 + scale*sigmoid(slope*(nnz - midpoint))"),
+    "--depth-slope": ("weights", "depth_slope", "see --depth-scale"),
+    "--depth-midpoint": ("weights", "depth_midpoint", "see --depth-scale"),
+    "--stream-size": ("pack", "stream_size", "train samples to draw (default: train cells)"),
+    "--eval-fraction": ("pack", "eval_fraction",
+                        "share of each dataset's cells held out into eval shards"),
+    "--metacell-fraction": ("pack", "metacell_fraction",
+                            "share of drawn samples packed as meta-cells (mean with neighbours)"),
+    "--shard-samples": ("pack", "shard_samples", "at most this many samples per shard"),
+    "--shard-mb": ("pack", "shard_mb", "at most this many MiB per shard"),
+    "--context-genes": ("pack", "context_genes",
+                        "pad each sample's genes with neighbour genes up to this many"),
+    "--vocab": (None, "vocab", "extend the vocabularies of a previous output (PREV_OUT/vocab)"),
+    "--vocab-headroom": ("vocab_sizing", "headroom",
+                         "spare gene ids per organism, as a fraction of its genes"),
+    "--vocab-min-headroom": ("vocab_sizing", "min_headroom", "at least this many spare ids"),
+    "--vocab-block": ("vocab_sizing", "block", "organism ranges are multiples of this size"),
+}
+
+
+def _field_type(section: str | None, name: str):
+    owner = BuildConfig if section is None else type(getattr(BuildConfig(), section))
+    default = getattr(owner(), name)
+    kind = {f.name: f.type for f in fields(owner)}[name]
+    kind = kind if isinstance(kind, str) else kind.__name__
+    for t in (bool, int, float, str):
+        if t.__name__ in kind:
+            return t, default
+    raise TypeError(f"no flag type for {owner.__name__}.{name}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    groups: dict[str | None, argparse._ArgumentGroup] = {}
+    for flag, (section, name, help_) in FLAGS.items():
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section or 'build'} settings")
+        t, default = _field_type(section, name)
+        groups[section].add_argument(
+            flag, dest=f"cfg_{section}_{name}", type=t, default=default,
+            metavar=flag.lstrip("-").replace("-", "_").upper(),
+            help=f"{help_} (default: {default})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    cfg = BuildConfig()
+    for section, name, _ in FLAGS.values():
+        value = getattr(args, f"cfg_{section}_{name}")
+        target = cfg if section is None else getattr(cfg, section)
+        if section == "vocab_sizing":
+            target = cfg.vocab_sizing = VocabConfig(**{**asdict(target), name: value})
+        else:
+            setattr(target, name, value)
+    cfg.strict = bool(getattr(args, "strict", False))
+    cfg.pack.neighbours = cfg.graph.n_neighbours_kept
+    return cfg

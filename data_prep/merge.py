@@ -1,0 +1,81 @@
+"""Join the parts of a build split across machines into one output.
+
+    # on machine I of W (e.g. a job-array task), the same inputs and flags everywhere:
+    python -m data_prep.build_shards INPUTS... --num-workers W --worker-index I --out parts/I
+    # then once, when all parts are done:
+    python -m data_prep.merge parts/0 parts/1 ... --out OUT [--jobs N]
+
+Workers run the per-dataset stages (ingest, cell graph) of their share of the datasets. The
+vocabularies, weights and stream need every dataset, so the merge builds them, packs the shards
+and writes the manifest and report, reading the parts' artifacts in place (keep the parts until
+the merge is done). The result is byte-identical to a single run over all datasets; like a build,
+a merge resumes where it stopped when rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from data_prep.assemble import DatasetRecord, assemble
+from data_prep.build_shards import PART_FILE, mp_context, progress_factory
+from data_prep.config import BuildConfig
+
+log = logging.getLogger("data_prep")
+
+
+def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfig]:
+    """Records of all datasets from the parts; checks the parts belong to one build."""
+    records: dict[int, DatasetRecord] = {}
+    first = None
+    for part in parts:
+        part = Path(part)
+        try:
+            doc = json.loads((part / PART_FILE).read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{part}: no {PART_FILE}; is this worker finished?") from None
+        key = (doc["config"], doc["n_datasets"], doc["num_workers"])
+        if first is None:
+            first = key
+        elif key != first:
+            raise ValueError(f"{part}: built with other inputs or settings than {parts[0]}")
+        for d in doc["datasets"]:
+            if d["index"] in records:
+                raise ValueError(f"{part}: dataset {d['name']} is in two parts")
+            for k in ("ingest_dir", "graph_dir"):
+                d[k] = str((part / d[k]).resolve()) if d[k] else ""
+            records[d["index"]] = DatasetRecord(**d)
+    assert first is not None
+    missing = sorted(set(range(first[1])) - set(records))
+    if missing:
+        raise ValueError(f"{len(missing)} of {first[1]} datasets are in no part (parts of "
+                         f"workers {sorted({i % first[2] for i in missing})} missing?)")
+    return [records[i] for i in sorted(records)], BuildConfig.from_dict(first[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.merge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="+", help="the workers' --out folders")
+    p.add_argument("--out", required=True, help="output folder of the joined build")
+    p.add_argument("--jobs", type=int, default=1, help="parallel packing processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        records, cfg = load_parts(args.parts)
+        man = assemble(Path(args.out), records, cfg, args.jobs, mp_context(),
+                       progress_factory(not args.quiet))
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        log.error("%s", e)
+        return 1
+    log.info("%d train samples in %d shards; report in %s", man["n_samples"], len(man["shards"]),
+             Path(args.out) / "report")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

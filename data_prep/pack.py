@@ -1,0 +1,517 @@
+"""Packing: turn the weighted stream of cells into deterministic, resumable tar shards.
+
+Memory stays flat as the corpus grows: a shard is built sample by sample from memory-mapped CSR
+arrays that are reopened per shard (so touched pages are released), and the only corpus-wide state
+is a handful of O(cells) / O(stream) integer and float arrays, also memory-mapped. A shard is done
+when its final file exists; it is written to a temporary name and renamed, with its size and
+sha256 in a sidecar, so a run killed at any point and rerun produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import zlib
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import atomic
+from data_prep.shard_format import (
+    CLASSES,
+    CONTEXT_GENES,
+    FLAG_METACELL,
+    HEADER,
+    MAX_NEIGHBOURS,
+    SAMPLE_EXT,
+    CellSample,
+    encode_sample,
+    sample_key,
+)
+
+TAR_BLOCK = 512
+# Test hook: kill this process with SIGKILL after writing this many samples (resumability tests).
+FAULT_ENV = "SCPRETRAIN_FAULT_AFTER_SAMPLES"
+KINDS = ("train", "eval")
+SHARD_KEYS = ("path", "n_samples", "bytes", "sha256")  # a shard's manifest entry
+# Bin edges of the expressed-genes histogram each shard records for the report.
+N_EXPR_EDGES = np.unique(np.geomspace(1, 100_000, 121).round()).astype(np.int64)
+
+
+@dataclass
+class PackConfig:
+    """What goes into the stream and how it is cut into shards."""
+
+    stream_size: int | None = None  # train samples this epoch; None = number of train cells
+    eval_fraction: float = 0.0  # share of each dataset's cells held out into eval shards
+    metacell_fraction: float = 0.0  # share of drawn samples packed as meta-cells
+    shard_samples: int = 1000  # at most this many samples per shard
+    shard_mb: float = 256.0  # and at most this many MiB per shard (bound computed up front)
+    context_genes: int = CONTEXT_GENES  # pad the gene list with neighbour genes up to this size
+    neighbours: int = MAX_NEIGHBOURS
+
+
+@dataclass
+class PackDataset:
+    """One accepted dataset as the packer sees it; its cells are rows offset..offset+n_cells of
+    the corpus-wide arrays."""
+
+    id: int
+    name: str
+    ingest_dir: str
+    graph_dir: str
+    taxon: int
+    offset: int
+    n_cells: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing the stream
+
+
+def holdout_mask(n_cells: int, fraction: float, seed: int, name: str) -> np.ndarray:
+    """Held-out cells of one dataset. Seeded by the dataset's name, not its position, so adding
+    another dataset does not change which cells are held out here."""
+    mask = np.zeros(n_cells, dtype=bool)
+    n_hold = int(round(fraction * n_cells))
+    if n_hold:
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+        mask[rng.permutation(n_cells)[:n_hold]] = True
+    return mask
+
+
+def draw_stream(
+    prob: np.ndarray, size: int, metacell_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw ``size`` cells with replacement from ``prob``; flag an exact share as meta-cells.
+
+    Independent draws are already shuffled across datasets, so the stream order is the draw order.
+    """
+    rng = np.random.default_rng([seed, 2])
+    cells = rng.choice(prob.shape[0], size=size, replace=True, p=prob).astype(np.int64)
+    metacell = np.zeros(size, dtype=bool)
+    n_meta = int(round(metacell_fraction * size))
+    if n_meta:
+        metacell[rng.permutation(size)[:n_meta]] = True
+    return cells, metacell
+
+
+def member_bytes(sample_bytes: np.ndarray) -> np.ndarray:
+    """Bytes a sample takes in a tar: one header block plus the data padded to whole blocks."""
+    return TAR_BLOCK + -(-sample_bytes // TAR_BLOCK) * TAR_BLOCK
+
+
+def sample_bytes_bound(
+    nnz: np.ndarray, nbr_nnz_sum: np.ndarray, n_nbr: np.ndarray, metacell: np.ndarray, context: int
+) -> np.ndarray:
+    """Upper bound of each sample's encoded size, known before packing (so shard boundaries are
+    fixed up front and every shard can be built, skipped or resumed independently)."""
+    nnz = nnz.astype(np.int64)
+    n_pad = np.minimum(np.maximum(0, context - nnz), nbr_nnz_sum)
+    n_genes = np.where(metacell, nnz + nbr_nnz_sum, nnz + n_pad)
+    n_expr = np.where(metacell, n_genes, nnz)
+    return HEADER.itemsize + 4 * (n_genes + n_expr + n_nbr * n_genes + 2 * n_nbr)
+
+
+def shard_bounds(member_size: np.ndarray, max_samples: int, max_bytes: int) -> np.ndarray:
+    """Cut a stream into shards of at most ``max_samples`` samples and ``max_bytes`` bytes (a
+    single larger sample gets a shard of its own). Returns boundaries [0, ..., n]."""
+    n = member_size.shape[0]
+    cum = np.concatenate([[0], np.cumsum(member_size, dtype=np.int64)])
+    bounds = [0]
+    while bounds[-1] < n:
+        start = bounds[-1]
+        by_bytes = int(np.searchsorted(cum, cum[start] + max_bytes, side="right")) - 1
+        bounds.append(min(n, start + max_samples, max(by_bytes, start + 1)))
+    return np.asarray(bounds, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building one sample
+
+
+def align_sample(
+    cell_cols: np.ndarray,
+    cell_vals: np.ndarray,
+    nbr_cols: list[np.ndarray],
+    nbr_vals: list[np.ndarray],
+    genes: GeneOrder,
+    context: int,
+    metacell: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gene ids, own counts and neighbour counts of one sample (see CellSample).
+
+    Own expressed genes come first in ascending global id; then up to ``context - n_expr`` genes
+    only neighbours express, by summed neighbour count (ties: lower id first). A meta-cell's
+    counts are the mean of the cell and its neighbours over the union of their genes.
+    """
+    k = len(nbr_cols)
+    ranks = genes.rank[np.concatenate([cell_cols, *nbr_cols])]
+    vals = np.concatenate([cell_vals, *nbr_vals]).astype(np.float32, copy=False)
+    union = genes.union(ranks)  # ascending rank = ascending global id
+    n_union = union.shape[0]
+    rows = np.repeat(
+        np.arange(0, (k + 1) * n_union, n_union),
+        [cell_cols.shape[0], *(c.shape[0] for c in nbr_cols)],
+    )
+    dense = np.zeros((k + 1, n_union), dtype=np.float32)
+    dense.ravel()[rows + genes.position[ranks]] = vals
+    own = dense.mean(axis=0, dtype=np.float32) if metacell else dense[0]
+    nbr_sum = dense[1:].sum(axis=0)
+    expressed = np.flatnonzero(own > 0)
+    extra = np.flatnonzero((own <= 0) & (nbr_sum > 0))
+    n_pad = min(max(0, context - expressed.shape[0]), extra.shape[0])
+    # stable sort on a gid-ascending array: ties keep the lower id first
+    extra = extra[np.argsort(-nbr_sum[extra], kind="stable")[:n_pad]]
+    take = np.concatenate([expressed, extra])
+    gids = genes.sorted_gid[union[take]]
+    return gids.astype(np.uint32), own[expressed], dense[1:, take]
+
+
+class GeneOrder:
+    """A dataset's gene columns ranked by global id, with reusable buffers to take the union of a
+    few sparse rows in O(nnz) with the result already in ascending global id."""
+
+    def __init__(self, col2gid: np.ndarray):
+        order = np.argsort(col2gid, kind="stable")
+        self.sorted_gid = col2gid[order]
+        self.rank = np.empty_like(order)
+        self.rank[order] = np.arange(order.shape[0])
+        self.mark = np.zeros(order.shape[0], dtype=bool)
+        self.position = np.zeros(order.shape[0], dtype=np.int64)
+
+    def union(self, ranks: np.ndarray) -> np.ndarray:
+        self.mark[ranks] = True
+        union = np.flatnonzero(self.mark)
+        self.mark[union] = False
+        self.position[union] = np.arange(union.shape[0])
+        return union
+
+
+class _DatasetReader:
+    """Memory-mapped view of one dataset's ingest and graph artifacts, open for one shard."""
+
+    def __init__(self, ds: PackDataset, plan_dir: Path):
+        ing, gra = Path(ds.ingest_dir), Path(ds.graph_dir)
+
+        def mm(path: Path) -> np.ndarray:
+            return np.load(path, mmap_mode="r")
+
+        self.ds = ds
+        self.indptr = mm(ing / "indptr.npy")
+        self.indices = mm(ing / "indices.npy")
+        self.data = mm(ing / "data.npy")
+        self.cells = mm(ing / "cells.npy")
+        self.nnz = mm(ing / "nnz.npy")
+        self.total = mm(ing / "total.npy")
+        self.label_codes = mm(ing / "label_codes.npy")
+        self.nbr_idx = mm(gra / "nbr_idx.npy")
+        self.nbr_dist = mm(gra / "nbr_dist.npy")
+        self.genes = GeneOrder(np.load(plan_dir / f"col2gid-{ds.id}.npy"))
+        self.label_map = np.load(plan_dir / f"labelmap-{ds.id}.npy")
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        s, e = int(self.indptr[r]), int(self.indptr[r + 1])
+        return np.array(self.indices[s:e]), np.array(self.data[s:e])
+
+    def sample(
+        self, r: int, metacell: bool, cfg: PackConfig, group: int, pseudo: int, weight: float
+    ) -> CellSample:
+        nbr = np.array(self.nbr_idx[r, : cfg.neighbours])
+        keep = (nbr >= 0) & (nbr != r)
+        dist = np.array(self.nbr_dist[r, : cfg.neighbours])[keep]
+        nbr = nbr[keep]
+        cols, vals = self.row(r)
+        nbr_rows = [self.row(int(j)) for j in nbr]
+        gene_ids, counts, nbr_counts = align_sample(
+            cols,
+            vals,
+            [c for c, _ in nbr_rows],
+            [v for _, v in nbr_rows],
+            self.genes,
+            cfg.context_genes,
+            metacell,
+        )
+        codes = np.array(self.label_codes[r], dtype=np.int64)
+        if metacell:
+            nnz, total = counts.shape[0], float(counts.sum(dtype=np.float64))
+        else:
+            nnz, total = int(self.nnz[r]), float(self.total[r])
+        return CellSample(
+            gene_ids=gene_ids,
+            counts=counts,
+            nbr_counts=nbr_counts,
+            nbr_dist=dist.astype(np.float32),
+            nbr_cells=np.asarray(self.cells[nbr], dtype=np.uint32),
+            labels=self.label_map[np.arange(len(CLASSES)), codes + 1].astype(np.int32),
+            dataset=self.ds.id,
+            cell=int(self.cells[r]),
+            organism=self.ds.taxon,
+            group=group,
+            nnz=nnz,
+            pseudo_label=pseudo,
+            total_count=total,
+            weight=weight,
+            flags=FLAG_METACELL if metacell else 0,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: everything the shard writers need, on disk, so shards can be built in any process
+
+
+def save_plan(
+    plan_dir: Path,
+    cfg: PackConfig,
+    datasets: list[PackDataset],
+    col2gid: list[np.ndarray],
+    label_maps: list[np.ndarray],
+    group: np.ndarray,
+    pseudo: np.ndarray,
+    prob: np.ndarray,
+    stream: tuple[np.ndarray, np.ndarray],
+    eval_cells: np.ndarray,
+    fingerprint: str,
+) -> None:
+    """Write the packing plan; ``plan.json`` goes last and marks it complete.
+
+    ``label_maps[d]`` is int32 [9, n_codes + 1]: global label id of local code c at column c + 1
+    (column 0 maps the unknown code -1 to -1).
+    """
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    (plan_dir / "plan.json").unlink(missing_ok=True)
+    for side in (plan_dir / "done").glob("*.json"):
+        side.unlink()
+    for ds, c2g, lm in zip(datasets, col2gid, label_maps):
+        atomic.save_npy(plan_dir / f"col2gid-{ds.id}.npy", c2g.astype(np.int64))
+        atomic.save_npy(plan_dir / f"labelmap-{ds.id}.npy", lm.astype(np.int32))
+    cells, metacell = stream
+    arrays = {"group": group, "pseudo": pseudo, "prob": prob, "train_cells": cells,
+              "train_metacell": metacell, "eval_cells": eval_cells,
+              "eval_metacell": np.zeros(eval_cells.shape[0], dtype=bool)}
+    for name, arr in arrays.items():
+        atomic.save_npy(plan_dir / f"{name}.npy", arr)
+    n_pool = int(np.count_nonzero(prob))
+    for kind in KINDS:
+        size = _member_bounds(datasets, arrays[f"{kind}_cells"], arrays[f"{kind}_metacell"], cfg)
+        bounds = shard_bounds(size, cfg.shard_samples, int(cfg.shard_mb * 2**20))
+        atomic.save_npy(plan_dir / f"{kind}_bounds.npy", bounds)
+    meta = {"config": asdict(cfg), "datasets": [asdict(d) for d in datasets], "n_pool": n_pool,
+            "fingerprint": fingerprint}
+    atomic.write_text(plan_dir / "plan.json", json.dumps(meta, sort_keys=True, indent=1))
+
+
+def plan_fingerprint(plan_dir: Path) -> str | None:
+    """Fingerprint of the complete plan in ``plan_dir`` (None if there is none)."""
+    try:
+        return json.loads((plan_dir / "plan.json").read_text())["fingerprint"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+
+
+def _dataset_of(datasets: list[PackDataset], cells: np.ndarray) -> np.ndarray:
+    offsets = np.array([d.offset for d in datasets], dtype=np.int64)
+    return np.searchsorted(offsets, cells, side="right") - 1
+
+
+def _member_bounds(
+    datasets: list[PackDataset], cells: np.ndarray, metacell: np.ndarray, cfg: PackConfig
+) -> np.ndarray:
+    nnz = np.zeros(cells.shape[0], dtype=np.int64)
+    nbr_sum = np.zeros_like(nnz)
+    n_nbr = np.zeros_like(nnz)
+    ds_of = _dataset_of(datasets, cells) if datasets else np.zeros(0, dtype=np.int64)
+    for d in np.unique(ds_of):
+        ds = datasets[d]
+        sel = np.flatnonzero(ds_of == d)
+        rows = cells[sel] - ds.offset
+        ds_nnz = np.load(Path(ds.ingest_dir) / "nnz.npy", mmap_mode="r")
+        nbr = np.load(Path(ds.graph_dir) / "nbr_idx.npy", mmap_mode="r")[rows, : cfg.neighbours]
+        valid = (nbr >= 0) & (nbr != rows[:, None])
+        nnz[sel] = ds_nnz[rows]
+        nbr_sum[sel] = np.where(valid, np.asarray(ds_nnz)[np.maximum(nbr, 0)], 0).sum(axis=1)
+        n_nbr[sel] = valid.sum(axis=1)
+    bound = sample_bytes_bound(nnz, nbr_sum, n_nbr, metacell, cfg.context_genes)
+    return member_bytes(bound)
+
+
+def shard_name(kind: str, index: int) -> str:
+    return f"shards/{kind}-{index:06d}.tar"
+
+
+class Packer:
+    """Writes the shards of a saved plan; one instance per process."""
+
+    def __init__(self, plan_dir: str | Path, out_dir: str | Path):
+        self.plan_dir = Path(plan_dir)
+        self.out_dir = Path(out_dir)
+        meta = json.loads((self.plan_dir / "plan.json").read_text())
+        self.cfg = PackConfig(**meta["config"])
+        self.datasets = [PackDataset(**d) for d in meta["datasets"]]
+        self.n_pool = meta["n_pool"]
+        self.fault_after = int(os.environ.get(FAULT_ENV, "0"))
+        self.written = 0
+
+    def n_shards(self, kind: str) -> int:
+        return np.load(self.plan_dir / f"{kind}_bounds.npy").shape[0] - 1
+
+    def _arr(self, name: str) -> np.ndarray:
+        return np.load(self.plan_dir / f"{name}.npy", mmap_mode="r")
+
+    def done_record(self, kind: str, index: int) -> dict | None:
+        """The record of a finished shard, or None if it must be (re)built."""
+        path = self.out_dir / shard_name(kind, index)
+        side = self.plan_dir / "done" / f"{kind}-{index:06d}.json"
+        if not path.exists() or not side.exists():
+            return None
+        rec = json.loads(side.read_text())
+        if path.stat().st_size != rec["bytes"] or file_sha256(path) != rec["sha256"]:
+            return None
+        return rec
+
+    def pack(self, kind: str, index: int) -> dict:
+        """Build shard ``index`` of ``kind`` unless it is already done; return its record."""
+        rec = self.done_record(kind, index)
+        if rec is not None:
+            return rec
+        bounds = np.load(self.plan_dir / f"{kind}_bounds.npy")
+        start, end = int(bounds[index]), int(bounds[index + 1])
+        cells = np.array(self._arr(f"{kind}_cells")[start:end])
+        metacell = np.array(self._arr(f"{kind}_metacell")[start:end])
+        group = np.asarray(self._arr("group")[cells], dtype=np.int64)
+        pseudo = np.asarray(self._arr("pseudo")[cells], dtype=np.int64)
+        if kind == "train":
+            weight = np.asarray(self._arr("prob")[cells]) * self.n_pool
+        else:
+            weight = np.ones(cells.shape[0])
+        ds_of = _dataset_of(self.datasets, cells)
+        n_expr = np.zeros(cells.shape[0], dtype=np.int64)
+        readers: OrderedDict[int, _DatasetReader] = OrderedDict()
+        path = self.out_dir / shard_name(kind, index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                out = _HashingWriter(f)
+                with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                    tar.copybufsize = 1 << 24  # one write per member
+                    for j in range(cells.shape[0]):
+                        d = int(ds_of[j])
+                        reader = readers.pop(d, None) or _DatasetReader(
+                            self.datasets[d], self.plan_dir
+                        )
+                        readers[d] = reader
+                        if len(readers) > 32:
+                            readers.popitem(last=False)
+                        row = int(cells[j]) - self.datasets[d].offset
+                        sample = reader.sample(
+                            row, bool(metacell[j]), self.cfg, int(group[j]), int(pseudo[j]),
+                            float(weight[j]),
+                        )
+                        n_expr[j] = sample.n_expr
+                        _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}",
+                                    encode_sample(sample))
+                        self._count_for_fault()
+            rec = {"path": shard_name(kind, index), "n_samples": end - start,
+                   "bytes": out.n, "sha256": out.hash.hexdigest(),
+                   "stats": {"n_expr_hist": np.histogram(n_expr, N_EXPR_EDGES)[0].tolist(),
+                             "n_above_context": int((n_expr > self.cfg.context_genes).sum()),
+                             "n_metacells": int(metacell.sum())}}
+            atomic.write_text(self.plan_dir / "done" / f"{kind}-{index:06d}.json",
+                              json.dumps(rec, sort_keys=True))
+        return rec
+
+    def _count_for_fault(self) -> None:
+        self.written += 1
+        if self.fault_after and self.written >= self.fault_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what tarfile writes through it."""
+
+    def __init__(self, f: io.BufferedWriter):
+        self.f = f
+        self.hash = hashlib.sha256()
+        self.n = 0
+
+    def write(self, b: bytes) -> int:
+        self.f.write(b)
+        self.hash.update(b)
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_WORKER: Packer | None = None
+
+
+def _init_worker(plan_dir: str, out_dir: str) -> None:
+    global _WORKER
+    _WORKER = Packer(plan_dir, out_dir)
+
+
+def _pack_in_worker(kind: str, index: int) -> dict:
+    assert _WORKER is not None
+    return _WORKER.pack(kind, index)
+
+
+def pack_all(plan_dir: Path, out_dir: Path, jobs: int, mp_context, progress) -> dict[str, list]:
+    """Build every shard of the plan (in ``jobs`` processes when > 1); return records by kind.
+
+    ``progress(total, desc)`` returns a tqdm-like bar. Shards already done are checked and kept.
+    """
+    atomic.remove_stale_tmp(out_dir / "shards")
+    packer = Packer(plan_dir, out_dir)
+    tasks = [(kind, i) for kind in KINDS for i in range(packer.n_shards(kind))]
+    records: dict[tuple[str, int], dict] = {}
+    bar = progress(len(tasks), "pack shards")
+    if jobs <= 1:
+        for kind, i in tasks:
+            records[kind, i] = packer.pack(kind, i)
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(
+            jobs, mp_context=mp_context, initializer=_init_worker,
+            initargs=(str(plan_dir), str(out_dir)),
+        ) as pool:
+            futures = {pool.submit(_pack_in_worker, kind, i): (kind, i) for kind, i in tasks}
+            for fut, key in futures.items():
+                records[key] = fut.result()
+                bar.update(1)
+    bar.close()
+    _remove_extra_shards(out_dir, {rec["path"] for rec in records.values()})
+    return {kind: [records[k, i] for k, i in tasks if k == kind] for kind in KINDS}
+
+
+def _remove_extra_shards(out_dir: Path, keep: set[str]) -> None:
+    """Shards of an earlier run with another configuration must not linger beside ours."""
+    for p in sorted((out_dir / "shards").glob("*.tar")):
+        if f"shards/{p.name}" not in keep:
+            p.unlink()

@@ -1,0 +1,212 @@
+"""``OUT/report/``: what the weighting did to the data, in plots and a short summary.
+
+Figures: expressed genes per profile (input cells vs the packed stream, share above the context
+size annotated), group frequencies and class frequencies before vs after weighting, and Leiden
+clusters per dataset. ``summary.txt`` has the cell accounting and headline shares.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from data_prep import atomic  # noqa: E402
+from data_prep.pack import N_EXPR_EDGES  # noqa: E402
+from data_prep.shard_format import CLASSES  # noqa: E402
+
+BEFORE, AFTER, TARGET = "#7f7f7f", "#d62728", "#1f77b4"
+PNG_META = {"Software": None}  # no version string: same bytes across matplotlib patch releases
+
+
+def collect(loaded, datasets, group, prob, pool, nnz, shards, stream_cells, labels,
+            context: int) -> dict:
+    """Numbers behind the figures. O(cells) arrays in, small tables out."""
+    n_total = group.shape[0]
+    stream_cells = np.asarray(stream_cells)
+    train = shards["train"]
+    n_stream = max(1, sum(s["n_samples"] for s in train))
+    after_hist = np.sum([s["stats"]["n_expr_hist"] for s in train], axis=0) if train else None
+    draws = np.bincount(stream_cells, minlength=n_total)
+    n_groups = int(group.max()) + 1 if n_total else 0
+    classes = {}
+    for j, cls in enumerate(CLASSES):
+        n_labels = len(labels.values(cls))
+        before = np.zeros(n_labels + 1)  # last slot: unknown
+        after = np.zeros(n_labels + 1)
+        for x, d in zip(loaded, datasets):
+            sl = slice(d.offset, d.offset + d.n_cells)
+            ids = x.label_map[j, np.asarray(x.ds.label_codes[:, j]) + 1]
+            ids = np.where(ids < 0, n_labels, ids)
+            before += np.bincount(ids[pool[sl]], minlength=n_labels + 1)
+            after += np.bincount(ids, weights=draws[sl], minlength=n_labels + 1)
+        classes[cls] = {"names": [*labels.values(cls), "(unknown)"],
+                        "before": before / max(1, before.sum()),
+                        "after": after / max(1, after.sum())}
+    return {
+        "context": context,
+        "before_hist": np.histogram(nnz, N_EXPR_EDGES)[0],
+        "after_hist": after_hist,
+        "share_above_before": round(float((nnz > context).mean()), 6),
+        "share_above_after": round(sum(s["stats"]["n_above_context"] for s in train) / n_stream,
+                                   6),
+        "n_stream": n_stream,
+        "n_metacells": int(sum(s["stats"]["n_metacells"] for s in train)),
+        "group_before": np.bincount(group[pool], minlength=n_groups) / max(1, pool.sum()),
+        "group_target": np.bincount(group, weights=prob, minlength=n_groups),
+        "group_after": np.bincount(group[stream_cells], minlength=n_groups) / n_stream,
+        "classes": classes,
+        "datasets": [{"name": x.rec.name, "organism": x.ds.organism.name or x.ds.organism.curie,
+                      "n_cells": x.ds.n_cells, "n_clusters": int(x.graph_meta.get("n_clusters", 0))}
+                     for x in loaded],
+    }
+
+
+def write(report_dir: Path, manifest: dict, stats: dict) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    _expressed_genes(report_dir / "expressed_genes.png", stats)
+    _groups(report_dir / "group_frequencies.png", stats)
+    _classes(report_dir / "class_frequencies.png", stats)
+    _clusters(report_dir / "clusters_per_dataset.png", stats)
+    atomic.write_text(report_dir / "summary.txt", summary(manifest, stats))
+
+
+def summary(manifest: dict, stats: dict) -> str:
+    acc = manifest["accounting"]["total"]
+    dropped = acc["dropped"]
+    lines = [
+        "Shard build summary",
+        "",
+        f"cells in        {acc['input']:>12,}",
+        f"packed (train)  {acc['packed']:>12,}",
+        f"held out (eval) {acc['held_out']:>12,}",
+        f"dropped         {sum(dropped.values()):>12,}",
+        *(f"  {reason}: {n:,}" for reason, n in sorted(dropped.items())),
+        "",
+        f"datasets        {len(manifest['datasets'])} accepted, {len(manifest['rejected'])} "
+        "rejected",
+        "organisms       " + ", ".join(
+            f"{o['name'] or curie} ({o['n_genes']:,} genes)"
+            for curie, o in manifest["vocab"]["organisms"].items()),
+        f"shards          {len(manifest['shards'])} train ({manifest['n_samples']:,} samples), "
+        f"{len(manifest['eval_shards'])} eval ({manifest['n_eval_samples']:,} samples)",
+        f"groups          {manifest['labels']['n_groups']:,}",
+        f"meta-cells      {stats['n_metacells']:,}",
+        f"> {stats['context']:,} expressed genes: {100 * stats['share_above_before']:.1f}% of "
+        f"input cells, {100 * stats['share_above_after']:.1f}% of packed samples",
+        "",
+        "per dataset (input = packed + held out + dropped)",
+    ]
+    for name, a in manifest["accounting"]["datasets"].items():
+        drops = ", ".join(f"{k} {v:,}" for k, v in sorted(a["dropped"].items())) or "none"
+        lines.append(f"  {name}: {a['input']:,} = {a['packed']:,} + {a['held_out']:,} + "
+                     f"dropped ({drops})")
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig, path: Path) -> None:
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata=PNG_META)
+    plt.close(fig)
+
+
+def _expressed_genes(path: Path, stats: dict) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    edges = N_EXPR_EDGES
+    for hist, color, label, share in (
+        (stats["before_hist"], BEFORE, "input cells (uniform)", stats["share_above_before"]),
+        (stats["after_hist"], AFTER, "packed stream (weighted)", stats["share_above_after"]),
+    ):
+        if hist is None or hist.sum() == 0:
+            continue
+        ax.stairs(hist / hist.sum(), edges, color=color, lw=2, fill=color == BEFORE,
+                  alpha=0.35 if color == BEFORE else 1.0,
+                  label=f"{label}: {100 * share:.1f}% above {stats['context']:,}")
+    used = np.flatnonzero(stats["before_hist"] + (0 if stats["after_hist"] is None
+                                                 else stats["after_hist"]))
+    if used.size:
+        ax.set_xlim(min(edges[used[0]], stats["context"]) / 1.5,
+                    max(edges[used[-1] + 1], stats["context"]) * 1.5)
+    ax.axvline(stats["context"], color="black", ls="--", lw=1)
+    ax.text(stats["context"] * 1.05, ax.get_ylim()[1] * 0.95, f"context\n{stats['context']:,}",
+            va="top", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("expressed genes per profile (log scale)")
+    ax.set_ylabel("share of profiles per bin")
+    ax.set_title("Expressed genes: input cells vs the packed training stream")
+    ax.legend(loc="upper left", frameon=False)
+    _save(fig, path)
+
+
+def _groups(path: Path, stats: dict) -> None:
+    before, target, after = stats["group_before"], stats["group_target"], stats["group_after"]
+    order = np.argsort(-before, kind="stable")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rank = np.arange(1, order.shape[0] + 1)
+    ax1.plot(rank, before[order], color=BEFORE, lw=2, label="input cells")
+    ax1.plot(rank, target[order], color=TARGET, lw=2, label="target (weights)")
+    ax1.scatter(rank, after[order], color=AFTER, s=8, label="packed stream", zorder=3)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("sampling group, ranked by input frequency")
+    ax1.set_ylabel("share of cells / samples")
+    ax1.set_title(f"{before.shape[0]:,} groups: big ones capped, rare ones lifted")
+    ax1.legend(frameon=False)
+    both = np.concatenate([target, after])
+    hi = max(float(both.max()), 1e-9) * 1.5
+    lo = float(both[both > 0].min()) / 1.5 if (both > 0).any() else hi / 1e4
+    ax2.plot([lo, hi], [lo, hi], color="black", lw=1, ls="--")
+    ax2.scatter(np.maximum(target, lo), np.maximum(after, lo), s=10, color=AFTER)
+    tv = 0.5 * np.abs(target - after).sum()
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlim(lo, hi)
+    ax2.set_ylim(lo, hi)
+    ax2.set_xlabel("target group probability")
+    ax2.set_ylabel("share in the packed stream")
+    ax2.set_title(f"stream vs target: total variation {tv:.3f} at {stats['n_stream']:,} samples")
+    _save(fig, path)
+
+
+def _classes(path: Path, stats: dict, top: int = 6) -> None:
+    classes = [c for c in CLASSES if len(stats["classes"][c]["names"]) > 1]
+    ncol = 3
+    nrow = max(1, -(-len(classes) // ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(15, 3.2 * nrow), squeeze=False)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for ax, cls in zip(axes.flat, classes):
+        c = stats["classes"][cls]
+        order = np.argsort(-(c["before"] + c["after"]), kind="stable")[:top][::-1]
+        y = np.arange(order.shape[0])
+        ax.barh(y + 0.2, c["before"][order], height=0.4, color=BEFORE, label="input cells")
+        ax.barh(y - 0.2, c["after"][order], height=0.4, color=AFTER, label="packed stream")
+        ax.set_yticks(y, [_short(c["names"][i]) for i in order], fontsize=8)
+        ax.set_title(f"{cls} ({len(c['names']) - 1} labels)", fontsize=10)
+        ax.set_xlabel("share", fontsize=8)
+    axes.flat[0].legend(frameon=False, fontsize=8, loc="lower right")
+    fig.suptitle("Label frequencies before vs after weighting (top labels per class)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _short(text: str, n: int = 28) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _clusters(path: Path, stats: dict) -> None:
+    ds = stats["datasets"]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(ds) + 1.5))
+    y = np.arange(len(ds))[::-1]
+    ax.barh(y, [d["n_clusters"] for d in ds], color=TARGET)
+    for yi, d in zip(y, ds):
+        ax.text(d["n_clusters"], yi, f"  {d['n_clusters']} clusters, {d['n_cells']:,} cells",
+                va="center", fontsize=8)
+    ax.set_yticks(y, [f"{_short(d['name'], 40)}\n({d['organism']})" for d in ds], fontsize=8)
+    ax.set_xlabel("Leiden clusters")
+    ax.set_xlim(0, max([d["n_clusters"] for d in ds] + [1]) * 1.6)
+    ax.set_title("Leiden clusters per dataset")
+    _save(fig, path)

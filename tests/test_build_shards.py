@@ -1,0 +1,231 @@
+"""End-to-end: all real multi-organism files -> shards, manifest, report; resume, merge, verify.
+
+One module-scoped build over the 6 real files (4 taxa) plus a bad file is shared by the tests;
+the resumed and merged builds reuse its per-dataset artifacts where the test is not about them.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_prep import verify
+from data_prep.shard_format import CLASSES, decode_sample, load_manifest
+from data_prep.weights import group_probabilities
+
+FILES = {  # file -> (organism, cell_type column, sex column)
+    "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad": ("human", "cell_type", "-"),
+    "mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad": ("mouse", "cell_type_annotation",
+                                                                ""),
+    "mouse_brain_10x_scanpy_10kcells_1000genes_raw.h5ad": ("mouse", "", ""),
+    "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad": ("fly", "annotation",
+                                                                             "sex"),
+    "arabidopsis_scplant_2000cells_7000genes_raw.h5ad": ("NCBITaxon:3702", "", ""),
+    "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad": ("", "", ""),
+}
+SMALL = ["mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad",
+         "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad"]
+FLAGS = ["--min-genes", "100", "--shard-samples", "300", "--stream-size", "1200",
+         "--eval-fraction", "0.05", "--metacell-fraction", "0.2", "--seed", "7", "--quiet"]
+
+
+def _cli(module, *args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _write_sheet(path, data_dir, files):
+    lines = ["path,organism,cell_type,sex"]
+    lines += [f"{data_dir / f},{FILES[f][0]},{FILES[f][1]},{FILES[f][2]}" for f in files]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def bad_file(tmp_path_factory):
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    x = sp.random(40, 300, density=0.9, format="csr", dtype=np.float32, random_state=0)
+    x.data = np.round(x.data * 10) - 3  # negative counts: must be rejected
+    path = tmp_path_factory.mktemp("bad") / "negative_counts.h5ad"
+    ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]),
+               var=pd.DataFrame(index=[f"g{i}" for i in range(300)]),
+               uns={"organism": "human"}).write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, shared_data):
+    """A small earlier build whose vocabulary the main build extends."""
+    root = tmp_path_factory.mktemp("first")
+    _write_sheet(root / "sheet.csv", shared_data, SMALL)
+    _cli("data_prep.build_shards", "--sheet", root / "sheet.csv", "--out", root / "out", *FLAGS)
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, shared_data, bad_file, first):
+    root = tmp_path_factory.mktemp("build")
+    _write_sheet(root / "sheet.csv", shared_data, list(FILES))
+    args = ["--sheet", root / "sheet.csv", bad_file, "--vocab", first / "vocab", *FLAGS]
+    _cli("data_prep.build_shards", *args, "--out", root / "out", "--jobs", "2")
+    return {"root": root, "out": root / "out", "args": args}
+
+
+def _shard_bytes(out):
+    man = load_manifest(out)
+    return {s["path"]: (out / s["path"]).read_bytes() for s in man["shards"] + man["eval_shards"]}
+
+
+def test_all_organisms_in_one_build(build):
+    man = load_manifest(build["out"])
+    taxa = {d["taxon"] for d in man["datasets"]}
+    assert taxa == {9606, 10090, 7227, 3702}
+    assert len(man["datasets"]) == 6 and len(man["rejected"]) == 1
+    assert set(man["vocab"]["organisms"]) == {f"NCBITaxon:{t}" for t in taxa}
+    labels = json.loads((build["out"] / man["labels"]["file"]).read_text())
+    cell_types = set(labels["classes"]["cell_type"])
+    assert {"CD14 Mono", "B"} <= cell_types  # PBMC column from the sheet
+    assert len(cell_types) > 13 + 18  # + stomach (sheet column) and fly annotations
+    assert man["n_samples"] == 1200 and man["n_eval_samples"] > 0
+    assert man["stream"]["n_metacells"] == 240
+    for name in ("expressed_genes", "group_frequencies", "class_frequencies",
+                 "clusters_per_dataset"):
+        assert (build["out"] / "report" / f"{name}.png").stat().st_size > 10_000
+    assert "rejected" in (build["out"] / "report" / "summary.txt").read_text()
+
+
+def test_stock_readers_and_sample_contents(build):
+    out = build["out"]
+    man = load_manifest(out)
+    ranges = {o["taxon"]: (o["start"], o["start"] + o["size"])
+              for o in man["vocab"]["organisms"].values()}
+    n_tar, groups = 0, []
+    for shard in man["shards"]:
+        with tarfile.open(out / shard["path"]) as tar:
+            members = tar.getmembers()
+            assert all(m.mtime == 0 and m.uid == 0 and m.mode == 0o644 for m in members)
+            assert [m.name for m in members] == sorted(m.name for m in members)
+            n_tar += len(members)
+            for m in members:
+                s = decode_sample(tar.extractfile(m).read())
+                n_expr, n_genes = s.n_expr, s.gene_ids.shape[0]
+                lo, hi = ranges[s.organism]
+                assert ((s.gene_ids >= lo) & (s.gene_ids < hi)).all()
+                assert (np.diff(s.gene_ids[:n_expr].astype(np.int64)) > 0).all()
+                assert (s.counts > 0).all() and s.labels.shape == (len(CLASSES),)
+                assert n_genes <= max(n_expr, 3200) and s.nbr_counts.shape[1] == n_genes
+                if n_genes > n_expr:  # padding genes: neighbour-only, best first
+                    pad = s.nbr_counts[:, n_expr:].sum(axis=0)
+                    assert (pad > 0).all() and (np.diff(pad) <= 0).all()
+                assert s.nbr_dist.shape[0] <= 6 and s.weight > 0
+                groups.append(s.group)
+    assert n_tar == man["n_samples"]
+    urls = [str(out / s["path"]) for s in man["shards"]]
+    keys = [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False)]
+    assert len(keys) == man["n_samples"] == len(set(keys))
+    # the packed stream is exactly the drawn stream
+    plan = out / "work" / "pack"
+    drawn = np.load(plan / "group.npy")[np.load(plan / "train_cells.npy")]
+    np.testing.assert_array_equal(groups, drawn)
+
+
+def test_stream_matches_target_group_weights(build):
+    plan = build["out"] / "work" / "pack"
+    group, prob = np.load(plan / "group.npy"), np.load(plan / "prob.npy")
+    target = group_probabilities(group, prob)
+    from data_prep.pack import draw_stream
+
+    cells, _ = draw_stream(prob, 200_000, 0.0, seed=7)  # the build's sampler, a big stream
+    freq = np.bincount(group[cells], minlength=target.size) / cells.size
+    assert 0.5 * np.abs(freq - target).sum() <= 0.05
+    # weighting works: the biggest group lost share, held-out cells are never drawn
+    before = np.bincount(group[prob > 0], minlength=target.size)
+    assert target[before.argmax()] < before.max() / before.sum()
+    man = load_manifest(build["out"])
+    n_pool = sum(a["packed"] for a in man["accounting"]["datasets"].values())
+    assert np.count_nonzero(prob) == n_pool
+
+
+def test_accounting_adds_up_and_counts_the_rejected_file(build):
+    acc = load_manifest(build["out"])["accounting"]
+    for a in [*acc["datasets"].values(), acc["total"]]:
+        assert a["input"] == a["packed"] + a["held_out"] + sum(a["dropped"].values())
+    bad = acc["datasets"]["negative_counts"]
+    assert bad["input"] == 40 and bad["packed"] == 0
+    (reason,) = bad["dropped"]
+    assert reason.startswith("rejected: negative values")
+    assert acc["total"]["input"] == 2800 + 219 + 10000 + 180 + 2000 + 320 + 40
+
+
+def test_vocabulary_extension_keeps_ids(build, first):
+    old = (first / "vocab" / "genes.tsv").read_text().splitlines()
+    new = set((build["out"] / "vocab" / "genes.tsv").read_text().splitlines())
+    assert set(old) <= new
+    old_labels = json.loads((first / "vocab" / "labels.json").read_text())["classes"]
+    new_labels = json.loads((build["out"] / "vocab" / "labels.json").read_text())["classes"]
+    for cls, values in old_labels.items():
+        assert new_labels[cls][: len(values)] == values
+
+
+def test_kill_and_resume_is_byte_identical(build):
+    out = build["root"] / "resumed"
+    shutil.copytree(build["out"] / "work" / "datasets", out / "work" / "datasets")
+    killed = _cli("data_prep.build_shards", *build["args"], "--out", out, "--jobs", "1",
+                  env={"SCPRETRAIN_FAULT_AFTER_SAMPLES": "450"}, check=False)
+    assert killed.returncode == -9
+    assert not (out / "manifest.json").exists()
+    assert (out / "shards" / "train-000000.tar").exists()
+    assert not (out / "shards" / "train-000001.tar").exists()  # killed inside the 2nd shard
+    _cli("data_prep.build_shards", *build["args"], "--out", out, "--jobs", "1")
+    assert (out / "manifest.json").read_bytes() == (build["out"] / "manifest.json").read_bytes()
+    assert _shard_bytes(out) == _shard_bytes(build["out"])
+    assert not list((out / "shards").glob(".*"))  # no temporaries left
+
+
+@pytest.fixture(scope="module")
+def merged(build):
+    parts = [build["root"] / f"part{i}" for i in range(2)]
+    # worker 0 has the large datasets: reuse their artifacts; worker 1 computes its own
+    man = load_manifest(build["out"])
+    for d in man["datasets"][::2]:
+        shutil.copytree(build["out"] / "work" / "datasets" / d["name"],
+                        parts[0] / "work" / "datasets" / d["name"])
+    for i, part in enumerate(parts):
+        _cli("data_prep.build_shards", *build["args"], "--num-workers", 2, "--worker-index", i,
+             "--out", part)
+    out = build["root"] / "merged"
+    _cli("data_prep.merge", *parts, "--out", out, "--jobs", "1", "--quiet")
+    return out
+
+
+def test_two_workers_and_merge_equal_a_single_run(build, merged):
+    assert (merged / "manifest.json").read_bytes() == (build["out"] / "manifest.json").read_bytes()
+    assert _shard_bytes(merged) == _shard_bytes(build["out"])
+
+
+def test_verify_detects_corruption(merged):
+    assert _cli("data_prep.verify", merged).returncode == 0
+    shard = merged / load_manifest(merged)["shards"][1]["path"]
+    original = shard.read_bytes()
+    try:
+        corrupt = bytearray(original)
+        corrupt[2000] ^= 0xFF  # inside the first sample's payload
+        shard.write_bytes(bytes(corrupt))
+        proc = _cli("data_prep.verify", merged, check=False)
+        assert proc.returncode == 1 and "sha256" in proc.stdout
+        shard.unlink()
+        assert verify.verify(merged) == [f"{shard.relative_to(merged)}: missing"]
+    finally:
+        shard.write_bytes(original)
+    assert verify.verify(merged) == []

@@ -1,0 +1,94 @@
+"""Unit tests of the packing primitives: sample alignment, shard cutting, stream draws."""
+
+import numpy as np
+import pytest
+
+from data_prep import pack
+from data_prep.weights import group_probabilities
+
+
+def _genes(col2gid):
+    return pack.GeneOrder(np.asarray(col2gid, dtype=np.int64))
+
+
+def test_align_sample_orders_expressed_then_best_neighbour_genes():
+    # local columns 0..5 map to global ids in reverse order, so sorting by id matters
+    genes = _genes([60, 50, 40, 30, 20, 10])
+    cell = (np.array([0, 2]), np.array([5.0, 1.0]))
+    nbrs = [(np.array([1, 2, 3]), np.array([4.0, 2.0, 1.0])),
+            (np.array([3, 4]), np.array([3.0, 9.0]))]
+    gids, counts, nbr = pack.align_sample(
+        cell[0], cell[1], [c for c, _ in nbrs], [v for _, v in nbrs], genes, context=4,
+        metacell=False)
+    # expressed: cols 2 (id 40) and 0 (id 60) ascending; then 2 of the extra genes by summed
+    # neighbour count: col 4 (id 20, 9) then col 3 (id 30, 4); col 1 (id 50, 4) loses the tie
+    np.testing.assert_array_equal(gids, [40, 60, 20, 30])
+    np.testing.assert_array_equal(counts, [1.0, 5.0])
+    np.testing.assert_array_equal(nbr, [[2.0, 0.0, 0.0, 1.0], [0.0, 0.0, 9.0, 3.0]])
+
+
+def test_align_sample_pads_only_what_neighbours_have_and_context_allows():
+    genes = _genes(np.arange(1, 11))
+    cols = np.arange(5)
+    nbr_cols = [np.array([5, 6])]
+    gids, counts, nbr = pack.align_sample(cols, np.ones(5), nbr_cols, [np.ones(2)], genes,
+                                          context=100, metacell=False)
+    assert gids.shape == (7,) and counts.shape == (5,)  # all 2 available, not 95
+    gids, _, _ = pack.align_sample(cols, np.ones(5), nbr_cols, [np.ones(2)], genes,
+                                   context=3, metacell=False)
+    assert gids.shape == (5,)  # the cell already fills the context: no padding
+
+
+def test_metacell_is_the_mean_over_the_union():
+    genes = _genes(np.arange(1, 5))
+    gids, counts, nbr = pack.align_sample(
+        np.array([0]), np.array([3.0]), [np.array([0, 1]), np.array([2])],
+        [np.array([3.0, 6.0]), np.array([9.0])], genes, context=3200, metacell=True)
+    np.testing.assert_array_equal(gids, [1, 2, 3])
+    np.testing.assert_allclose(counts, [2.0, 2.0, 3.0])
+    assert nbr.shape == (2, 3)
+
+
+def test_shard_bounds_respect_samples_and_bytes():
+    size = np.full(10, 100)
+    np.testing.assert_array_equal(pack.shard_bounds(size, 4, 10_000), [0, 4, 8, 10])
+    np.testing.assert_array_equal(pack.shard_bounds(size, 100, 250), [0, 2, 4, 6, 8, 10])
+    # a sample larger than the byte limit still gets a shard of its own
+    np.testing.assert_array_equal(pack.shard_bounds(np.array([500, 10]), 100, 100), [0, 1, 2])
+
+
+def test_sample_bytes_bound_is_an_upper_bound():
+    from data_prep.shard_format import CellSample, encode_sample
+
+    genes = _genes(np.arange(1, 101))
+    rng = np.random.default_rng(0)
+    cell = np.sort(rng.choice(100, 30, replace=False))
+    nbrs = [np.sort(rng.choice(100, 40, replace=False)) for _ in range(3)]
+    for metacell in (False, True):
+        gids, counts, nbr = pack.align_sample(cell, np.ones(30), nbrs, [np.ones(40)] * 3, genes,
+                                              context=50, metacell=metacell)
+        s = CellSample(gids, counts, nbr, np.ones(3, np.float32), np.zeros(3, np.uint32),
+                       np.zeros(9, np.int32), 0, 0, 9606, 0, 30, 0, 30.0, 1.0)
+        bound = pack.sample_bytes_bound(np.array([30]), np.array([120]), np.array([3]),
+                                        np.array([metacell]), 50)
+        assert len(encode_sample(s)) <= bound[0]
+
+
+def test_holdout_is_stable_per_dataset_name():
+    a = pack.holdout_mask(1000, 0.1, seed=3, name="pbmc")
+    assert a.sum() == 100
+    np.testing.assert_array_equal(a, pack.holdout_mask(1000, 0.1, seed=3, name="pbmc"))
+    assert (a != pack.holdout_mask(1000, 0.1, seed=3, name="other")).any()
+    assert not pack.holdout_mask(1000, 0.0, seed=3, name="pbmc").any()
+
+
+def test_draw_stream_follows_probabilities():
+    prob = np.array([0.5, 0.3, 0.2, 0.0])
+    cells, meta = pack.draw_stream(prob, 50_000, 0.25, seed=1)
+    assert meta.sum() == 12_500 and (cells != 3).all()
+    freq = np.bincount(cells, minlength=4) / cells.size
+    assert 0.5 * np.abs(freq - prob).sum() < 0.01
+    again = pack.draw_stream(prob, 50_000, 0.25, seed=1)
+    np.testing.assert_array_equal(cells, again[0])
+    np.testing.assert_array_equal(meta, again[1])
+    assert group_probabilities(np.array([0, 0, 1, 1]), prob)[0] == pytest.approx(0.8)
