@@ -50,6 +50,9 @@ class TrainConfig:
     eval_every: int = field(default=500, metadata={"help": "evaluate every N steps (0 = never)"})
     eval_batches: int = field(default=8, metadata={"help": "batches per evaluation and rank"})
     resume: bool = field(default=True, metadata={"help": "resume from RUN's latest checkpoint"})
+    label_hierarchy: str = field(default="", metadata={
+        "help": "JSON {class: {parent label: [leaf labels]}} in the label names of the shards' "
+                "labels.json; a parent label then supervises the logsumexp of its leaves"})
     peak_tflops: float = field(default=0.0, metadata={
         "help": "peak TFLOP/s per rank for MFU (0 = known GPU table, else MFU not logged)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})

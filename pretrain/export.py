@@ -42,6 +42,7 @@ def export(run: str | Path, out: str | Path, tag: str | None = None) -> Path:
         "model_config": resolved["model"],
         "n_genes": resolved["n_genes"],
         "n_labels": resolved["n_labels"],
+        "label_hierarchy": resolved.get("label_hierarchy"),
         "tag": tag,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,7 +56,7 @@ def load_exported(path: str | Path) -> ScPrintModel:
     """A plain ``ScPrintModel`` (eval mode, fp32, CPU) with the exported weights."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     model = ScPrintModel(ModelConfig(**payload["model_config"]), payload["n_genes"],
-                         payload["n_labels"])
+                         payload["n_labels"], payload.get("label_hierarchy"))
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 

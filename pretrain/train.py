@@ -207,6 +207,37 @@ def load_checkpoint(engine, ckpt_dir: Path, loader) -> int:
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -> dict:
+    """A hierarchy file in label names -> {class: {parent id: [leaf ids]}} for the model.
+
+    The file maps each class to ``{parent label: [leaf labels]}``, in the names of the shards'
+    labels.json (e.g. ontology term ids); parents absent from the shards are skipped, since no
+    cell can carry them.
+    """
+    names = json.loads((Path(shards) / manifest["labels"]["file"]).read_text())["classes"]
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the label hierarchy ({e})") from None
+    hierarchy = {}
+    for cls, parents in given.items():
+        if cls not in names:
+            raise ValueError(f"{path}: unknown class {cls!r}; classes are {sorted(names)}")
+        ids = {label: i for i, label in enumerate(names[cls])}
+        resolved = {}
+        for parent, leaves in parents.items():
+            if parent not in ids:
+                continue
+            missing = [leaf for leaf in leaves if leaf not in ids]
+            if missing:
+                raise ValueError(f"{path}: {cls} leaves {missing[:5]} of {parent!r} are not "
+                                 "labels of these shards")
+            resolved[ids[parent]] = [ids[leaf] for leaf in leaves]
+        if resolved:
+            hierarchy[cls] = resolved
+    return hierarchy
+
+
 def peak_flops(cfg: TrainConfig) -> float:
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops * 1e12
@@ -244,7 +275,10 @@ class Trainer:
         seed_all(cfg.seed)  # identical initial weights on every rank
         overrides = {"attention": cfg.attention} if cfg.attention else {}
         self.model_cfg = ModelConfig.preset(cfg.model, **overrides)
-        model = ScPrintModel(self.model_cfg, int(self.manifest["vocab"]["n_ids"]), self.n_labels)
+        self.hierarchy = (load_label_hierarchy(cfg.label_hierarchy, cfg.shards, self.manifest)
+                          if cfg.label_hierarchy else None)
+        model = ScPrintModel(self.model_cfg, int(self.manifest["vocab"]["n_ids"]), self.n_labels,
+                             self.hierarchy)
         seed_all(cfg.seed + 1000 * (self.rank + 1))  # then distinct dropout/noise per rank
 
         self.ds_config = resolve_ds_config(cfg, cfg.deepspeed_config)
@@ -276,7 +310,7 @@ class Trainer:
         resolved = {"train": asdict(self.cfg), "model": asdict(self.model_cfg),
                     "data": asdict(self.data_cfg), "deepspeed": self.ds_config,
                     "world_size": self.world, "n_genes": int(self.manifest["vocab"]["n_ids"]),
-                    "n_labels": self.n_labels}
+                    "n_labels": self.n_labels, "label_hierarchy": self.hierarchy}
         tmp = self.run / "config.json.tmp"
         tmp.write_text(json.dumps(resolved, indent=1, default=str))
         os.replace(tmp, self.run / "config.json")

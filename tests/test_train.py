@@ -257,3 +257,21 @@ def test_golden_loss_curve(reference_run):
     golden = json.loads(GOLDEN.read_text())["loss"]
     # Bitwise on the machine that wrote it; other CPUs (SIMD widths, BLAS) differ in low bits.
     np.testing.assert_allclose(losses, golden, rtol=1e-3)
+
+
+def test_label_hierarchy_file_resolves_label_names(shards, tmp_path):
+    """A hierarchy in label names becomes the model's {class: {parent id: [leaf ids]}}."""
+    from pretrain.train import load_label_hierarchy
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    names = json.loads((shards / manifest["labels"]["file"]).read_text())["classes"]["cell_type"]
+    assert len(names) >= 3
+    path = tmp_path / "hierarchy.json"
+    path.write_text(json.dumps({"cell_type": {names[0]: names[1:3], "absent term": [names[1]]}}))
+    assert load_label_hierarchy(path, shards, manifest) == {"cell_type": {0: [1, 2]}}
+    path.write_text(json.dumps({"cell_type": {names[0]: ["no such leaf"]}}))
+    with pytest.raises(ValueError, match="no such leaf"):
+        load_label_hierarchy(path, shards, manifest)
+    path.write_text(json.dumps({"celltype": {}}))
+    with pytest.raises(ValueError, match="unknown class 'celltype'"):
+        load_label_hierarchy(path, shards, manifest)
