@@ -28,6 +28,13 @@ class TrainConfig:
     max_steps: int = field(default=1000, metadata={"help": "stop after this optimizer step"})
     schedule_steps: int = field(default=0, metadata={
         "help": "length of the lr schedule (0 = max-steps); set it to train in chunks"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the trunk blocks' activations in backward (less memory, ~30% slower)"})
+    gene_embeddings: str = field(default="", metadata={
+        "help": ".npy [n_ids, E] of precomputed gene embeddings (frozen, trainable adapter); "
+                "empty: a learned embedding table"})
+    views: int = field(default=2, metadata={
+        "help": "corrupted views per cell: 2 trains the contrastive term between them, 1 skips it"})
     batch_size: int = field(default=8, metadata={"help": "cells per rank per micro-step"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     context: int = field(default=3200, metadata={"help": "genes per cell (max context)"})

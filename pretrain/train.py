@@ -274,6 +274,10 @@ class Trainer:
 
         seed_all(cfg.seed)  # identical initial weights on every rank
         overrides = {"attention": cfg.attention} if cfg.attention else {}
+        if cfg.activation_checkpointing:
+            overrides["checkpointing"] = True
+        if cfg.gene_embeddings:
+            overrides["gene_embedding_file"] = cfg.gene_embeddings
         self.model_cfg = ModelConfig.preset(cfg.model, **overrides)
         self.hierarchy = (load_label_hierarchy(cfg.label_hierarchy, cfg.shards, self.manifest)
                           if cfg.label_hierarchy else None)
@@ -290,7 +294,7 @@ class Trainer:
 
         self.data_cfg = DataConfig(shards=cfg.shards, context=cfg.context,
                                    short_context_min=min(cfg.context, DataConfig.short_context_min),
-                                   batch_size=cfg.batch_size, seed=cfg.seed,
+                                   batch_size=cfg.batch_size, views=cfg.views, seed=cfg.seed,
                                    num_workers=cfg.workers)
         self.loader = CellLoader(self.data_cfg, self.rank, self.world)
         self.step = load_checkpoint(self.engine, self.ckpt_dir, self.loader) if cfg.resume else 0

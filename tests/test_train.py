@@ -133,9 +133,10 @@ def test_zero_stage_trains(repo_root, shards, reference_run, tmp_path, stage, la
 
 def test_tensorboard_tags(reference_run):
     scalars = _scalars(reference_run)
-    for tag in ["loss/total", "loss/zinb", "loss/classification", "opt/lr", "opt/grad_norm",
-                "perf/cells_per_s", "perf/tokens_per_s", "perf/mfu", "memory/rss_gib/rank0",
-                "memory/rss_gib/rank1", "memory/param_mib/rank0", "memory/optim_mib/rank1",
+    for tag in ["loss/total", "loss/zinb", "loss/classification", "loss/contrastive", "opt/lr",
+                "opt/grad_norm", "perf/cells_per_s", "perf/tokens_per_s", "perf/mfu",
+                "memory/rss_gib/rank0", "memory/rss_gib/rank1", "memory/param_mib/rank0",
+                "memory/optim_mib/rank1",
                 "data/corrupt_shards", "eval/loss", "eval/recon_pearson",
                 "eval/cell_type_accuracy", "eval/cell_type_macro_f1", "eval/organism_accuracy"]:
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
