@@ -41,6 +41,8 @@ if not CUDA and not COMPILE_CHECK:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_peak import peak_mib  # noqa: E402
+
 from kernels import criss_cross as cc  # noqa: E402
 from kernels import criss_cross_attention, reference_criss_cross_attention  # noqa: E402
 
@@ -116,14 +118,6 @@ def implementations(cfg: CrissCrossConfig) -> dict:
     return impls
 
 
-def _peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
 
 def time_row(name: str, fn, counts, tensors, mask) -> dict:
     import triton.testing
@@ -149,7 +143,7 @@ def time_row(name: str, fn, counts, tensors, mask) -> dict:
         "fwd_GBs": by_f / t_f / 1e6, "fwd_bwd_GBs": by_fb / t_fb / 1e6,
         "roofline_fwd_bwd_ms": bound_fb, "pct_roofline_fwd": 100 * bound_f / t_f,
         "pct_roofline_fwd_bwd": 100 * bound_fb / t_fb,
-        "peak_fwd_MiB": _peak_mib(fwd), "peak_fwd_bwd_MiB": _peak_mib(fwd_bwd),
+        "peak_fwd_MiB": peak_mib(fwd), "peak_fwd_bwd_MiB": peak_mib(fwd_bwd),
     }  # fmt: skip
 
 

@@ -24,6 +24,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cuda_peak import peak_mib  # noqa: E402
+
 from kernels.deepset import DeepSetEncoder, DeepSetEncoderReference  # noqa: E402
 
 
@@ -74,14 +76,6 @@ def _encoders(cfg: DeepSetBenchConfig, device: torch.device):
     return {"fused": fused, "reference": ref}
 
 
-def _peak_mib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
 
 def _timings(enc, inputs, mask, cfg: DeepSetBenchConfig) -> dict:
     import triton.testing
@@ -104,7 +98,7 @@ def _timings(enc, inputs, mask, cfg: DeepSetBenchConfig) -> dict:
         "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
         "fwd_tflops": flops[0] / t_f / 1e9, "fwd_bwd_tflops": flops[1] / t_fb / 1e9,
         "fwd_gbs": nbytes[0] / t_f / 1e6, "fwd_bwd_gbs": nbytes[1] / t_fb / 1e6,
-        "peak_fwd_mib": _peak_mib(fwd), "peak_fwd_bwd_mib": _peak_mib(fwd_bwd),
+        "peak_fwd_mib": peak_mib(fwd), "peak_fwd_bwd_mib": peak_mib(fwd_bwd),
     }  # fmt: skip
 
 
