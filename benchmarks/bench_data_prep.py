@@ -12,8 +12,10 @@ Every stage runs in its own subprocess (this script with ``--stage``), which rep
 and its own peak RSS (``ru_maxrss``), so stages do not pollute each other's memory figures.
 Stages: ingest -> hvg -> normalise -> pca -> knn -> leiden, then the whole graph stage as the
 build runs it (``build_graph``), then packing (``data_prep.build_shards`` reusing the ingest and
-graph artifacts, with a ``--pack-samples`` stream). kNN recall@6 is measured against exact
-neighbours (brute force) in the same PCA space on ``--recall-queries`` random cells.
+graph artifacts) and packing alone (``pack_all`` on the saved plan, in a fresh process), once
+per ``--pack-samples`` stream size; earlier shards and plans are removed first, so packing really
+runs. kNN recall@6 is measured against exact neighbours (brute force) in the same PCA space on
+``--recall-queries`` random cells.
 
 numba compiles pynndescent's NN-descent on first use in each process and cannot cache it; the kNN
 stage first runs it on a small random matrix and reports that compile time separately ("cold" =
@@ -38,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BRAIN = "mouse_brain_10x_scanpy_10kcells_1000genes_raw.h5ad"
 PBMC = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
-STAGES = ("ingest", "hvg", "normalise", "pca", "knn", "leiden", "graph", "pack")
+STAGES = ("ingest", "hvg", "normalise", "pca", "knn", "leiden", "graph", "pack", "shards")
 SCANPY_PINS = ("scanpy==1.11.5", "pynndescent==0.5.13", "leidenalg==0.12.0", "igraph==1.0.0")
 WARMUP_CELLS = 3000
 
@@ -61,7 +63,33 @@ def _dataset_name(path: Path) -> str:
     return safe_name(path.stem)
 
 
+def run_shards(out: Path) -> None:
+    """Packing alone: every shard of the plan ``build_shards`` saved, in this fresh process."""
+    import shutil
+    from contextlib import nullcontext
+
+    from data_prep import pack
+
+    class _NoBar(nullcontext):
+        def update(self, n: int) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    t = time.perf_counter()
+    shards = pack.pack_all(out / "work" / "pack", out, 1, None, lambda total, desc: _NoBar())
+    samples = sum(s["n_samples"] for kind in shards.values() for s in kind)
+    _emit({"stage": "shards", "samples": samples, "seconds": time.perf_counter() - t,
+           "bytes": sum(s["bytes"] for kind in shards.values() for s in kind)})
+
+
 def run_stage(stage: str, src: Path, out: Path, min_genes: int, seed: int, args) -> None:
+    if stage == "shards":
+        return run_shards(out)
+    import shutil
+
     import numpy as np
     import scipy.sparse as sp
 
@@ -137,13 +165,15 @@ def run_stage(stage: str, src: Path, out: Path, min_genes: int, seed: int, args)
         g = G.build_graph(ds, d / "graph", cfg, seed)
         rec.update(n_clusters=g.meta["n_clusters"], n_pseudo_labels=g.meta["n_pseudo_labels"])
     elif stage == "pack":
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        shutil.rmtree(out / "work" / "pack", ignore_errors=True)
         cmd = [sys.executable, "-m", "data_prep.build_shards", str(src), "--out", str(out),
                "--min-genes", str(min_genes), "--seed", str(seed), "--quiet",
-               "--stream-size", str(args.pack_samples)]
+               "--stream-size", str(args.pack_samples[0])]
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"packing failed: {proc.stderr[-2000:]}")
-        rec["samples"] = args.pack_samples
+        rec["samples"] = args.pack_samples[0]
         rec["child_peak_rss_mib"] = round(
             resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, 1
         )
@@ -216,14 +246,15 @@ def ensure_scanpy_venv(venv: Path) -> str:
 def bench_input(label: str, src: Path, out: Path, min_genes: int, args) -> dict:
     res: dict = {"label": label, "file": src.name, "stages": {}}
     common = ["--input", str(src), "--out", str(out), "--min-genes", str(min_genes),
-              "--seed", str(args.seed), "--recall-queries", str(args.recall_queries),
-              "--pack-samples", str(args.pack_samples)]
-    for stage in (*STAGES[:-2], "recall", *STAGES[-2:]):
-        if stage == "pack" and args.no_pack:
-            continue
-        r = _child(["--stage", stage, *common])
-        res["stages"][stage] = r
-        print(f"[{label}] {stage}: " + json.dumps(r), flush=True)
+              "--seed", str(args.seed), "--recall-queries", str(args.recall_queries)]
+    runs = [(stage, stage, []) for stage in (*STAGES[:-3], "recall", "graph")]
+    if not args.no_pack:
+        runs += [(f"{stage}_{n}", stage, ["--pack-samples", str(n)])
+                 for n in args.pack_samples for stage in ("pack", "shards")]
+    for key, stage, extra in runs:
+        r = _child(["--stage", stage, *common, *extra])
+        res["stages"][key] = r
+        print(f"[{label}] {key}: " + json.dumps(r), flush=True)
     previous = {r["file"]: r for r in args.previous}
     if src.name in previous and "scanpy" in previous[src.name]:
         res["scanpy"] = previous[src.name]["scanpy"]
@@ -249,10 +280,8 @@ def report(results: list[dict]) -> str:
         lines += [f"### {res['label']}: {res['file']} ({n:,} cells after QC)", "",
                   "| stage | seconds | cells/s | peak RSS (MiB) | notes |",
                   "|---|---:|---:|---:|---|"]
-        for name in (*STAGES, "recall"):
-            if name not in s:
-                continue
-            r = s[name]
+        for key, r in s.items():
+            name = key.split("_")[0]
             note = ""
             if name == "knn":
                 note = f"{r['method']}"
@@ -267,11 +296,16 @@ def report(results: list[dict]) -> str:
                 note = (f"recall@6 = {r['recall_at_6']:.4f}, recall@15 = "
                         f"{r['recall_at_15']:.4f} ({r['queries']} queries, exact brute force)")
             elif name == "pack":
-                note = (f"{r['samples']:,} samples; build_shards reusing ingest+graph; child "
-                        f"peak RSS {r['child_peak_rss_mib']:.0f} MiB")
-            rate = _fmt_rate(r.get("samples", r["cells"]), r["seconds"])
+                note = (f"{r['samples']:,}-sample stream: whole build_shards reusing ingest+graph"
+                        f" (peak RSS of that process; {r['peak_rss_mib']:.0f} MiB this driver)")
+                r = {**r, "peak_rss_mib": r["child_peak_rss_mib"]}
+            elif name == "shards":
+                note = (f"packing alone (pack_all on the saved plan, fresh process), "
+                        f"{r['samples']:,} samples, {r['bytes'] / r['samples'] / 1024:.0f} KiB"
+                        " per sample")
+            rate = _fmt_rate(r.get("samples", r.get("cells", 0)), r["seconds"])
             lines.append(
-                f"| {name} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} | {note} |"
+                f"| {key} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} | {note} |"
             )
         if "scanpy" in res:
             sc = res["scanpy"]
@@ -288,7 +322,25 @@ def report(results: list[dict]) -> str:
                       f"{theirs:.1f} s -> {theirs / ours:.2f}x faster** (ours incl. numba compile: "
                       f"{ours_cold:.1f} s, {theirs / ours_cold:.2f}x vs warm scanpy)"]
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + packing_summary(results))
+
+
+def packing_summary(results: list[dict]) -> list[str]:
+    """Packing peak RSS by input size (columns) and stream size (rows): flat across a row."""
+    sizes = sorted({int(k.split("_")[1]) for res in results for k in res["stages"]
+                    if k.startswith("shards_")})
+    if not sizes:
+        return []
+    head = " | ".join(f"{res['stages']['ingest']['cells']:,} cells: packing / build_shards"
+                      for res in results)
+    lines = ["Packing peak RSS (MiB) by input cells and stream size:", "",
+             f"| stream samples | {head} |", "|---:|" + "---:|" * len(results)]
+    for n in sizes:
+        cells = [f"{res['stages'][f'shards_{n}']['peak_rss_mib']:.0f} / "
+                 f"{res['stages'][f'pack_{n}']['child_peak_rss_mib']:.0f}"
+                 if f"shards_{n}" in res["stages"] else "-" for res in results]
+        lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def main(argv=None) -> None:
@@ -301,7 +353,8 @@ def main(argv=None) -> None:
     p.add_argument("--brain-min-genes", type=int, default=10)
     p.add_argument("--min-genes", type=int, default=200, help="QC of the derived input")
     p.add_argument("--recall-queries", type=int, default=2000)
-    p.add_argument("--pack-samples", type=int, default=20_000)
+    p.add_argument("--pack-samples", type=int, nargs="+", default=[5_000, 20_000],
+                   help="stream sizes to pack (each packed twice: whole build, packing alone)")
     p.add_argument("--scanpy-venv", default=str(REPO / ".venv-scanpy"))
     p.add_argument("--no-scanpy", action="store_true")
     p.add_argument("--scanpy-from", default=None,

@@ -92,12 +92,18 @@ FLAGS: dict[str, tuple[str | None, str, str]] = {
     "--k": ("graph", "k", "nearest neighbours of the kNN graph (for Leiden)"),
     "--neighbours": ("graph", "n_neighbours_kept",
                      "nearest neighbours stored with each sample (<= 6)"),
+    "--dense-pca-max-entries": ("graph", "dense_pca_max_entries",
+                                "exact dense SVD when cells x HVGs is at most this"),
     "--exact-knn-below": ("graph", "exact_knn_below",
                           "exact kNN below this many cells, pynndescent above"),
+    "--nnd-neighbours": ("graph", "nnd_neighbours",
+                         "NN-descent graph degree (the k nearest are kept; 30: recall@6 ~0.99)"),
     "--nnd-jobs": ("graph", "nnd_jobs", "pynndescent threads (1 = reproducible)"),
     "--nnd-n-iters": ("graph", "nnd_n_iters", "pynndescent iterations (default: its own)"),
     "--leiden-resolution": ("graph", "leiden_resolution", "Leiden resolution"),
     "--leiden-iterations": ("graph", "leiden_iterations", "Leiden iterations (-1: until stable)"),
+    "--leiden-backend": ("graph", "leiden_backend",
+                         "leidenalg, or igraph (its C Leiden on the same objective)"),
     "--min-subcluster": ("graph", "min_subcluster",
                          "pseudo-label sub-clusters smaller than this fold into their cell type"),
     "--graph-chunk-rows": ("graph", "chunk_rows", "rows per streaming chunk of the graph stage"),
@@ -124,6 +130,29 @@ FLAGS: dict[str, tuple[str | None, str, str]] = {
     "--vocab-min-headroom": ("vocab_sizing", "min_headroom", "at least this many spare ids"),
     "--vocab-block": ("vocab_sizing", "block", "organism ranges are multiples of this size"),
 }
+
+
+# Fields set by other means: --strict/--keep-going, and pack.neighbours = --neighbours.
+NOT_FLAGS = {(None, "strict"), ("pack", "neighbours")}
+
+
+def _check_flags() -> None:
+    """Every configuration field has a flag (or is in NOT_FLAGS): fail at import otherwise."""
+    have = {(section, name) for section, name, _ in FLAGS.values()} | NOT_FLAGS
+    cfg = BuildConfig()
+    want = set()
+    for f in fields(BuildConfig):
+        value = getattr(cfg, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            want |= {(f.name, g.name) for g in fields(value)}
+        else:
+            want.add((None, f.name))
+    missing = sorted(want - have, key=str)
+    if missing:
+        raise TypeError(f"configuration fields without a build_shards flag: {missing}")
+
+
+_check_flags()
 
 
 def _field_type(section: str | None, name: str):

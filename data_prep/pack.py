@@ -1,14 +1,15 @@
 """Packing: turn the weighted stream of cells into deterministic, resumable tar shards.
 
-Memory stays flat as the corpus grows: a shard is built sample by sample from memory-mapped CSR
-arrays that are reopened per shard (so touched pages are released), and the only corpus-wide state
-is a handful of O(cells) / O(stream) integer and float arrays, also memory-mapped. A shard is done
+Memory stays flat as the corpus grows: a shard reads only the rows it needs (its cells, their
+neighbours and their CSR rows) with ``os.pread``, never through a memory map, and the corpus-wide
+state the packer holds is the plan's O(stream) arrays, read per shard as well. A shard is done
 when its final file exists; it is written to a temporary name and renamed, with its size and
 sha256 in a sidecar, so a run killed at any point and rerun produces the same bytes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -16,7 +17,6 @@ import os
 import signal
 import tarfile
 import zlib
-from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +43,8 @@ KINDS = ("train", "eval")
 SHARD_KEYS = ("path", "n_samples", "bytes", "sha256")  # a shard's manifest entry
 # Bin edges of the expressed-genes histogram each shard records for the report.
 N_EXPR_EDGES = np.unique(np.geomspace(1, 100_000, 121).round()).astype(np.int64)
+# Byte ranges closer than this are read in one call (the bytes between are read and dropped).
+READ_GAP = 4096
 
 
 @dataclass
@@ -134,6 +136,87 @@ def shard_bounds(member_size: np.ndarray, max_samples: int, max_bytes: int) -> n
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading rows without memory maps
+
+
+class NpyRows:
+    """Rows of a ``.npy`` file read with ``os.pread`` into private buffers.
+
+    Not memory-mapped on purpose: a mapped page counts in the process RSS for as long as the map
+    lives, and on a read fault the kernel maps the already cached pages around it too (fault-
+    around, 64 KiB), so scattered reads of a few thousand rows from a 1 GB mapped CSR array leave
+    most of it resident. Reading only the needed byte ranges keeps packing memory proportional to
+    the shard being built, whatever the size of the dataset.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            self.offset = f.tell()
+        if fortran and len(shape) > 1:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not supported")
+        self.shape = shape
+        self.row = np.dtype((dtype, shape[1:])) if len(shape) > 1 else dtype
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __enter__(self) -> NpyRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """``array[rows]`` for any int row array (repeats and any order allowed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        buf, pos = self.spans(uniq, uniq + 1)
+        out = buf[pos[inv.reshape(-1)]]
+        return out.reshape(rows.shape + out.shape[1:])
+
+    def spans(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [starts[i], stops[i]) of sorted, disjoint spans, read with one pread per run of
+        spans less than READ_GAP bytes apart. Returns (buffer of rows, start of span i in it)."""
+        n = starts.shape[0]
+        size = self.row.itemsize
+        if n == 0:
+            return np.zeros(0, self.row), np.zeros(0, dtype=np.int64)
+        if int(stops[-1]) > self.shape[0] or int(starts[0]) < 0:
+            raise ValueError(f"{self.path}: rows out of range")
+        gap = (starts[1:] - stops[:-1]) * size
+        first = np.concatenate([[0], np.flatnonzero(gap > READ_GAP) + 1])
+        run_start = starts[first]
+        run_stop = stops[np.concatenate([first[1:] - 1, [n - 1]])]
+        run_at = np.concatenate([[0], np.cumsum(run_stop - run_start)])
+        buf = np.empty(int(run_at[-1]), dtype=self.row)
+        raw = memoryview(buf.view(np.uint8).reshape(-1))
+        for a, b, at in zip(run_start.tolist(), run_stop.tolist(), run_at.tolist()):
+            view, offset = raw[at * size:(at + b - a) * size], self.offset + a * size
+            while len(view):
+                got = os.preadv(self.fd, [view], offset)
+                if got == 0:
+                    raise ValueError(f"{self.path}: file is shorter than its header says")
+                view, offset = view[got:], offset + got
+        run_of = np.repeat(np.arange(first.shape[0]), np.diff(np.concatenate([first, [n]])))
+        return buf, run_at[run_of] + (starts - run_start[run_of])
+
+
+def read_rows(path: Path, rows: np.ndarray) -> np.ndarray:
+    """``np.load(path)[rows]`` reading only those rows."""
+    with NpyRows(path) as f:
+        return f.rows(rows)
+
+
+def read_range(path: Path, start: int, stop: int) -> np.ndarray:
+    """``np.load(path)[start:stop]`` reading only those rows."""
+    with NpyRows(path) as f:
+        return f.spans(np.array([start]), np.array([stop]))[0]
+
+
+# ---------------------------------------------------------------------------------------------
 # Building one sample
 
 
@@ -195,64 +278,66 @@ class GeneOrder:
         return union
 
 
-class _DatasetReader:
-    """Memory-mapped view of one dataset's ingest and graph artifacts, open for one shard."""
+class _ShardRows:
+    """The rows of one dataset that one shard needs (its cells, their neighbours, the CSR rows
+    of both), read in one pass and released with the shard."""
 
-    def __init__(self, ds: PackDataset, plan_dir: Path):
+    def __init__(self, ds: PackDataset, plan_dir: Path, rows: np.ndarray, neighbours: int):
         ing, gra = Path(ds.ingest_dir), Path(ds.graph_dir)
-
-        def mm(path: Path) -> np.ndarray:
-            return np.load(path, mmap_mode="r")
-
         self.ds = ds
-        self.indptr = mm(ing / "indptr.npy")
-        self.indices = mm(ing / "indices.npy")
-        self.data = mm(ing / "data.npy")
-        self.cells = mm(ing / "cells.npy")
-        self.nnz = mm(ing / "nnz.npy")
-        self.total = mm(ing / "total.npy")
-        self.label_codes = mm(ing / "label_codes.npy")
-        self.nbr_idx = mm(gra / "nbr_idx.npy")
-        self.nbr_dist = mm(gra / "nbr_dist.npy")
         self.genes = GeneOrder(np.load(plan_dir / f"col2gid-{ds.id}.npy"))
         self.label_map = np.load(plan_dir / f"labelmap-{ds.id}.npy")
+        self.nbr = read_rows(gra / "nbr_idx.npy", rows)[:, :neighbours]
+        self.dist = read_rows(gra / "nbr_dist.npy", rows)[:, :neighbours]
+        self.keep = (self.nbr >= 0) & (self.nbr != rows[:, None])
+        self.codes = read_rows(ing / "label_codes.npy", rows)
+        self.nnz = read_rows(ing / "nnz.npy", rows)
+        self.total = read_rows(ing / "total.npy", rows)
+        self.cell = read_rows(ing / "cells.npy", rows)
+        self.nbr_cell = read_rows(ing / "cells.npy", np.where(self.keep, self.nbr, rows[:, None]))
+        self.union = np.unique(np.concatenate([rows, self.nbr[self.keep]]))
+        ptr = read_rows(ing / "indptr.npy", np.concatenate([self.union, self.union + 1]))
+        lo, hi = ptr[: self.union.shape[0]], ptr[self.union.shape[0]:]
+        self.length = hi - lo
+        with NpyRows(ing / "indices.npy") as f:
+            self.cols, self.at = f.spans(lo, hi)
+        with NpyRows(ing / "data.npy") as f:
+            self.vals, at = f.spans(lo, hi)
+        assert np.array_equal(at, self.at)
+        self.rows = rows
 
-    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
-        s, e = int(self.indptr[r]), int(self.indptr[r + 1])
-        return np.array(self.indices[s:e]), np.array(self.data[s:e])
+    def _row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        u = int(np.searchsorted(self.union, r))
+        s = int(self.at[u])
+        e = s + int(self.length[u])
+        return self.cols[s:e], self.vals[s:e]
 
     def sample(
-        self, r: int, metacell: bool, cfg: PackConfig, group: int, pseudo: int, weight: float
+        self, i: int, metacell: bool, context: int, group: int, pseudo: int, weight: float
     ) -> CellSample:
-        nbr = np.array(self.nbr_idx[r, : cfg.neighbours])
-        keep = (nbr >= 0) & (nbr != r)
-        dist = np.array(self.nbr_dist[r, : cfg.neighbours])[keep]
-        nbr = nbr[keep]
-        cols, vals = self.row(r)
-        nbr_rows = [self.row(int(j)) for j in nbr]
+        """Sample of the shard's ``i``-th row of this dataset."""
+        keep = self.keep[i]
+        nbr = self.nbr[i][keep]
+        cols, vals = self._row(int(self.rows[i]))
+        nbr_rows = [self._row(int(j)) for j in nbr]
         gene_ids, counts, nbr_counts = align_sample(
-            cols,
-            vals,
-            [c for c, _ in nbr_rows],
-            [v for _, v in nbr_rows],
-            self.genes,
-            cfg.context_genes,
+            cols, vals, [c for c, _ in nbr_rows], [v for _, v in nbr_rows], self.genes, context,
             metacell,
         )
-        codes = np.array(self.label_codes[r], dtype=np.int64)
+        codes = self.codes[i].astype(np.int64)
         if metacell:
             nnz, total = counts.shape[0], float(counts.sum(dtype=np.float64))
         else:
-            nnz, total = int(self.nnz[r]), float(self.total[r])
+            nnz, total = int(self.nnz[i]), float(self.total[i])
         return CellSample(
             gene_ids=gene_ids,
             counts=counts,
             nbr_counts=nbr_counts,
-            nbr_dist=dist.astype(np.float32),
-            nbr_cells=np.asarray(self.cells[nbr], dtype=np.uint32),
+            nbr_dist=self.dist[i][keep].astype(np.float32),
+            nbr_cells=self.nbr_cell[i][keep].astype(np.uint32),
             labels=self.label_map[np.arange(len(CLASSES)), codes + 1].astype(np.int32),
             dataset=self.ds.id,
-            cell=int(self.cells[r]),
+            cell=int(self.cell[i]),
             organism=self.ds.taxon,
             group=group,
             nnz=nnz,
@@ -332,11 +417,11 @@ def _member_bounds(
         ds = datasets[d]
         sel = np.flatnonzero(ds_of == d)
         rows = cells[sel] - ds.offset
-        ds_nnz = np.load(Path(ds.ingest_dir) / "nnz.npy", mmap_mode="r")
-        nbr = np.load(Path(ds.graph_dir) / "nbr_idx.npy", mmap_mode="r")[rows, : cfg.neighbours]
+        nbr = read_rows(Path(ds.graph_dir) / "nbr_idx.npy", rows)[:, : cfg.neighbours]
         valid = (nbr >= 0) & (nbr != rows[:, None])
-        nnz[sel] = ds_nnz[rows]
-        nbr_sum[sel] = np.where(valid, np.asarray(ds_nnz)[np.maximum(nbr, 0)], 0).sum(axis=1)
+        ds_nnz = Path(ds.ingest_dir) / "nnz.npy"
+        nnz[sel] = read_rows(ds_nnz, rows)
+        nbr_sum[sel] = np.where(valid, read_rows(ds_nnz, np.maximum(nbr, 0)), 0).sum(axis=1)
         n_nbr[sel] = valid.sum(axis=1)
     bound = sample_bytes_bound(nnz, nbr_sum, n_nbr, metacell, cfg.context_genes)
     return member_bytes(bound)
@@ -362,9 +447,6 @@ class Packer:
     def n_shards(self, kind: str) -> int:
         return np.load(self.plan_dir / f"{kind}_bounds.npy").shape[0] - 1
 
-    def _arr(self, name: str) -> np.ndarray:
-        return np.load(self.plan_dir / f"{name}.npy", mmap_mode="r")
-
     def done_record(self, kind: str, index: int) -> dict | None:
         """The record of a finished shard, or None if it must be (re)built."""
         path = self.out_dir / shard_name(kind, index)
@@ -383,17 +465,24 @@ class Packer:
             return rec
         bounds = np.load(self.plan_dir / f"{kind}_bounds.npy")
         start, end = int(bounds[index]), int(bounds[index + 1])
-        cells = np.array(self._arr(f"{kind}_cells")[start:end])
-        metacell = np.array(self._arr(f"{kind}_metacell")[start:end])
-        group = np.asarray(self._arr("group")[cells], dtype=np.int64)
-        pseudo = np.asarray(self._arr("pseudo")[cells], dtype=np.int64)
+        cells = read_range(self.plan_dir / f"{kind}_cells.npy", start, end)
+        metacell = read_range(self.plan_dir / f"{kind}_metacell.npy", start, end)
+        group = read_rows(self.plan_dir / "group.npy", cells).astype(np.int64)
+        pseudo = read_rows(self.plan_dir / "pseudo.npy", cells).astype(np.int64)
         if kind == "train":
-            weight = np.asarray(self._arr("prob")[cells]) * self.n_pool
+            weight = read_rows(self.plan_dir / "prob.npy", cells) * self.n_pool
         else:
             weight = np.ones(cells.shape[0])
         ds_of = _dataset_of(self.datasets, cells)
+        # each sample's dataset and its index among that dataset's rows of this shard
+        order = np.argsort(ds_of, kind="stable")
+        first = np.searchsorted(ds_of[order], ds_of[order])
+        index_in_ds = np.empty_like(order)
+        index_in_ds[order] = np.arange(order.shape[0]) - first
+        parts = {int(d): _ShardRows(self.datasets[d], self.plan_dir,
+                                    cells[ds_of == d] - self.datasets[d].offset,
+                                    self.cfg.neighbours) for d in np.unique(ds_of)}
         n_expr = np.zeros(cells.shape[0], dtype=np.int64)
-        readers: OrderedDict[int, _DatasetReader] = OrderedDict()
         path = self.out_dir / shard_name(kind, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(path) as tmp:
@@ -402,17 +491,9 @@ class Packer:
                 with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                     tar.copybufsize = 1 << 24  # one write per member
                     for j in range(cells.shape[0]):
-                        d = int(ds_of[j])
-                        reader = readers.pop(d, None) or _DatasetReader(
-                            self.datasets[d], self.plan_dir
-                        )
-                        readers[d] = reader
-                        if len(readers) > 32:
-                            readers.popitem(last=False)
-                        row = int(cells[j]) - self.datasets[d].offset
-                        sample = reader.sample(
-                            row, bool(metacell[j]), self.cfg, int(group[j]), int(pseudo[j]),
-                            float(weight[j]),
+                        sample = parts[int(ds_of[j])].sample(
+                            int(index_in_ds[j]), bool(metacell[j]), self.cfg.context_genes,
+                            int(group[j]), int(pseudo[j]), float(weight[j]),
                         )
                         n_expr[j] = sample.n_expr
                         _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}",
@@ -425,12 +506,25 @@ class Packer:
                              "n_metacells": int(metacell.sum())}}
             atomic.write_text(self.plan_dir / "done" / f"{kind}-{index:06d}.json",
                               json.dumps(rec, sort_keys=True))
+        del parts
+        _release_heap()
         return rec
 
     def _count_for_fault(self) -> None:
         self.written += 1
         if self.fault_after and self.written >= self.fault_after:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _release_heap() -> None:
+    """Hand freed heap memory back to the OS after a shard. glibc raises its mmap threshold as
+    large buffers are freed, so later shard-sized buffers come from the heap and, unreleased,
+    the peak RSS would creep up with the number of shards packed by one process."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only
 
 
 class _HashingWriter:

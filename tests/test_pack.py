@@ -92,3 +92,24 @@ def test_draw_stream_follows_probabilities():
     np.testing.assert_array_equal(cells, again[0])
     np.testing.assert_array_equal(meta, again[1])
     assert group_probabilities(np.array([0, 0, 1, 1]), prob)[0] == pytest.approx(0.8)
+
+
+def test_npy_rows_reads_what_a_load_would(tmp_path):
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((5000, 3)).astype(np.float32)
+    flat = rng.integers(0, 1000, 20_000).astype(np.int32)
+    np.save(tmp_path / "table.npy", table)
+    np.save(tmp_path / "flat.npy", flat)
+    rows = np.array([4999, 3, 3, 0, 2500, 2501, 17])  # repeats, any order, near and far rows
+    np.testing.assert_array_equal(pack.read_rows(tmp_path / "table.npy", rows), table[rows])
+    np.testing.assert_array_equal(pack.read_rows(tmp_path / "table.npy", rows[:, None]),
+                                  table[rows[:, None]])
+    # disjoint sorted spans, one empty, some within READ_GAP of each other and some far apart
+    starts, stops = np.array([0, 10, 10, 50, 19_000]), np.array([5, 10, 40, 60, 20_000])
+    with pack.NpyRows(tmp_path / "flat.npy") as f:
+        buf, at = f.spans(starts, stops)
+    for a, b, p in zip(starts, stops, at):
+        np.testing.assert_array_equal(buf[p:p + b - a], flat[a:b])
+    np.testing.assert_array_equal(pack.read_range(tmp_path / "flat.npy", 7, 9000), flat[7:9000])
+    with pytest.raises(ValueError, match="out of range"):
+        pack.read_rows(tmp_path / "flat.npy", np.array([20_000]))
