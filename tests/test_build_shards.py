@@ -157,6 +157,29 @@ def test_stream_matches_target_group_weights(build):
     assert np.count_nonzero(prob) == n_pool
 
 
+def test_packed_shards_realise_the_target_group_weights(tmp_path, shared_data):
+    """Read back from the shards themselves: group shares of an 8,000-sample stream of the PBMC
+    file are within total variation 0.05 of the target W_c^g / sum W^g."""
+    pbmc = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
+    _write_sheet(tmp_path / "sheet.csv", shared_data, [pbmc])
+    out = tmp_path / "out"
+    _cli("data_prep.build_shards", "--sheet", tmp_path / "sheet.csv", "--out", out,
+         "--stream-size", "8000", "--shard-samples", "4000", "--context-genes", "0", "--quiet")
+    man = load_manifest(out)
+    groups = [decode_sample(sample["cell"]).group
+              for sample in wds.WebDataset([str(out / s["path"]) for s in man["shards"]],
+                                           shardshuffle=False)]
+    assert len(groups) == 8000
+    plan = out / "work" / "pack"
+    target = group_probabilities(np.load(plan / "group.npy"), np.load(plan / "prob.npy"))
+    assert target.size > 10  # cell type x Leiden cluster pseudo-labels
+    freq = np.bincount(groups, minlength=target.size) / len(groups)
+    assert 0.5 * np.abs(freq - target).sum() <= 0.05
+    # and the weighting matters: uniform sampling of cells would be far from the target
+    uniform = np.bincount(np.load(plan / "group.npy"), minlength=target.size)
+    assert 0.5 * np.abs(uniform / uniform.sum() - target).sum() > 0.1
+
+
 def test_accounting_adds_up_and_counts_the_rejected_file(build):
     acc = load_manifest(build["out"])["accounting"]
     for a in [*acc["datasets"].values(), acc["total"]]:
