@@ -1,6 +1,6 @@
 """Data-loader throughput: our shard loader vs a plain random-access AnnData loader, same cells.
 
-    python benchmarks/bench_loader.py [--shards OUT] [--data DIR] [--batches 40]
+    python benchmarks/bench_loader.py [--shards OUT] [--data DIR] [--batches 40] [--only ours]
 
 Both build the same model-ready sample: a 3,200-gene context (expressed genes sampled without
 replacement, then neighbour-ranked padding genes), the cell's and its 6 neighbours' counts
@@ -8,6 +8,7 @@ aligned to it (7 profiles) and a denoising-corrupted input. Ours reads build_sha
 ONE process (no DataLoader workers); the baseline reads each cell and its neighbours' rows from
 the .h5ad files, backed (on disk) and with the whole matrix in RAM. Without --shards the script
 builds shards from --data with ``python -m data_prep.build_shards`` into a temporary directory.
+``--only ours`` skips the AnnData baselines (for iterating; published figures come from a full run).
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ from data_prep.shard_format import CONTEXT_GENES, HEADER, decode_sample, load_ma
 from pretrain.data import HEADER_WORDS, CellBatches, DataConfig, ShardStream  # noqa: E402
 
 
-def ours(cfg: DataConfig, batches: int) -> float:
+def ours(cfg: DataConfig, batches: int, repeats: int = 3) -> float:
+    """Median rate of ``repeats`` consecutive runs of ``batches`` (the machine is shared)."""
     it = iter(CellBatches(cfg))
-    for _ in range(3):  # warm-up: numba load, first pages
+    for _ in range(5):  # warm-up: numba load, first pages
         next(it)
-    t = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * cfg.batch_size / (time.perf_counter() - t)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        rates.append(batches * cfg.batch_size / (time.perf_counter() - t))
+    return float(np.median(rates))
 
 
 def anndata_sample(x, cell: int, nbrs: np.ndarray, rng: np.random.Generator) -> dict:
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backed-cells", type=int, default=300)
+    ap.add_argument("--only", choices=["ours"], help="skip the AnnData baselines")
     args = ap.parse_args()
     if args.shards is None:
         args.shards = tempfile.mkdtemp(prefix="bench_loader_")
@@ -89,6 +95,22 @@ def main() -> None:
 
     fixed = DataConfig(shards=args.shards, batch_size=args.batch_size, short_context_prob=0.0,
                        n_neighbours=6, full_pass_prob=0.0)
+    figures = {
+        "ours, 6 neighbours, L=3200": ours(fixed, args.batches),
+        "ours, training defaults (0..6 neighbours, short contexts)": ours(
+            DataConfig(shards=args.shards, batch_size=args.batch_size), args.batches),
+        "ours, webdataset tar reader, 6 neighbours": ours(
+            DataConfig(**{**fixed.__dict__, "reader": "webdataset"}), args.batches),
+    }
+    if args.only is None:
+        figures.update(baselines(args, fixed, manifest))
+    ref = figures["ours, 6 neighbours, L=3200"]
+    for name, rate in figures.items():
+        print(f"{name:60s} {rate:10.0f} samples/s   ours/this = {ref / rate:6.1f}x")
+
+
+def baselines(args: argparse.Namespace, fixed: DataConfig, manifest: dict) -> dict[str, float]:
+    """The AnnData loaders on the first cells of our stream (same cells and neighbours)."""
     n = args.batches * args.batch_size
     cells = []
     for _, words, start in itertools.islice(ShardStream(fixed, 0, 1).samples(), n):
@@ -99,18 +121,10 @@ def main() -> None:
         path = Path(manifest["datasets"][s.dataset]["path"])
         path = path if path.is_file() else Path(args.data) / path.name
         cells.append((path, s.cell, s.nbr_cells.astype(np.int64)))
-    figures = {
-        "ours, 6 neighbours, L=3200": ours(fixed, args.batches),
-        "ours, training defaults (0..6 neighbours, short contexts)": ours(
-            DataConfig(shards=args.shards, batch_size=args.batch_size), args.batches),
-        "ours, webdataset tar reader, 6 neighbours": ours(
-            DataConfig(**{**fixed.__dict__, "reader": "webdataset"}), args.batches),
+    return {
         "anndata in RAM, 6 neighbours": baseline(cells, backed=False),
         "anndata backed, 6 neighbours": baseline(cells[: args.backed_cells], backed=True),
     }
-    ref = figures["ours, 6 neighbours, L=3200"]
-    for name, rate in figures.items():
-        print(f"{name:60s} {rate:10.0f} samples/s   ours/this = {ref / rate:6.1f}x")
 
 
 if __name__ == "__main__":

@@ -149,11 +149,21 @@ def test_ranks_get_disjoint_batches_through_the_loader(shards, by_id):
     assert len(set(ids[0])) == len(ids[0]) and set(ids[0]) <= set(by_id)
 
 
-def test_webdataset_reader_gives_the_same_batches(shards):
+def test_webdataset_reader_gives_the_same_batches(shards, tmp_path):
+    # Shards given as pipe: specs stream through webdataset under reader="auto".
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for e in manifest["shards"]:
+        e["path"] = f"pipe:cat {shards / e['path']}"
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert ShardStream(_cfg(tmp_path), 0, 1).readers == ["webdataset"] * N_SHARDS
+    assert ShardStream(_cfg(shards), 0, 1).readers == ["mmap"] * N_SHARDS
     a = itertools.islice(iter(CellBatches(_cfg(shards))), 4)
     b = itertools.islice(iter(CellBatches(_cfg(shards, reader="webdataset"))), 4)
-    for x, y in zip(a, b, strict=True):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+    c = itertools.islice(iter(CellBatches(_cfg(tmp_path))), 4)
+    for x, y, z in zip(a, b, c, strict=True):
+        assert all(torch.equal(x[k], y[k]) and torch.equal(x[k], z[k]) for k in x)
+    with pytest.raises(ValueError, match="mmap reader needs a local"):
+        ShardStream(_cfg(tmp_path, reader="mmap"), 0, 1)
 
 
 def test_seed_reproduces_and_changes_the_stream(shards):

@@ -43,7 +43,7 @@ def build_shards(shared: Path, out: Path) -> Path:
 # launching
 # ----------------------------------------------------------------------------------------------
 COMMON = ["--model", "tiny", "--context", str(CONTEXT), "--batch-size", "4", "--warmup-steps",
-          "2", "--eval-batches", "2", "--peak-tflops", "0.01"]
+          "2", "--eval-batches", "2", "--peak-tflops", "1.0"]
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -200,7 +200,13 @@ def test_export_reloads_with_identical_outputs(repo_root, shards, reference_run,
     logged = {tag: values[-1] for tag, values in _scalars(reference_run).items()
               if tag.startswith("eval/")}
     assert set(metrics) == set(logged)
-    for tag, (step, value) in logged.items():
+    # The contrastive term (and the total loss holding it) draws its negatives from both ranks'
+    # batches in the trainer, from one rank's here: every other metric must match.
+    cross_rank = {"eval/contrastive", "eval/loss"}
+    assert cross_rank <= set(logged)
+    for tag, (step, value) in sorted(logged.items()):
+        if tag in cross_rank:
+            continue
         assert step == 6
         assert metrics[tag] == pytest.approx(value, rel=1e-5, abs=1e-6), tag
 
