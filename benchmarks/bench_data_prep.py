@@ -103,6 +103,7 @@ def run_stage(stage: str, src: Path, out: Path, min_genes: int, seed: int, args)
     cfg = G.GraphConfig()
     rec: dict = {"stage": stage}
     if stage == "ingest":
+        shutil.rmtree(d / "ingest", ignore_errors=True)  # measure the work, not a resume
         t = time.perf_counter()
         spec = DatasetSpec(name=_dataset_name(src), path=src.resolve())
         ds = ingest_dataset(spec, d / "ingest", IngestConfig(min_genes=min_genes))
@@ -162,6 +163,7 @@ def run_stage(stage: str, src: Path, out: Path, min_genes: int, seed: int, args)
                 rec[f"dist_recall_at_{kk}"] = float((found[:, :kk] <= bound).mean())
             rec["queries"] = int(len(q))
     elif stage == "graph":
+        shutil.rmtree(d / "graph", ignore_errors=True)  # measure the work, not a resume
         g = G.build_graph(ds, d / "graph", cfg, seed)
         rec.update(n_clusters=g.meta["n_clusters"], n_pseudo_labels=g.meta["n_pseudo_labels"])
     elif stage == "pack":

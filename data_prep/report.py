@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_prep import atomic  # noqa: E402
@@ -165,6 +166,8 @@ def _groups(path: Path, stats: dict) -> None:
     ax2.set_yscale("log")
     ax2.set_xlim(lo, hi)
     ax2.set_ylim(lo, hi)
+    for axis in (ax2.xaxis, ax2.yaxis):  # less than a decade wide: minor labels would collide
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax2.set_xlabel("target group probability")
     ax2.set_ylabel("share in the packed stream")
     ax2.set_title(f"stream vs target: total variation {tv:.3f} at {stats['n_stream']:,} samples")
