@@ -1,6 +1,6 @@
 """Data-loader throughput: our shard loader vs a plain random-access AnnData loader, same cells.
 
-    python benchmarks/bench_loader.py [--shards OUT] [--data DIR] [--batches 40] [--only ours]
+    python benchmarks/bench_loader.py [--shards OUT] [--data DIR] [--batches 200] [--only ours]
 
 Both build the same model-ready sample: a 3,200-gene context (expressed genes sampled without
 replacement, then neighbour-ranked padding genes), the cell's and its 6 neighbours' counts
@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--shards", help="build_shards output (default: build one from --data)")
     ap.add_argument("--data", default=os.environ.get(
         "SCPRETRAIN_SHARED_DATA", str(REPO.parent / "shared" / "data")))
-    ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backed-cells", type=int, default=300)
     ap.add_argument("--only", choices=["ours"], help="skip the AnnData baselines")

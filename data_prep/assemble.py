@@ -27,7 +27,7 @@ from data_prep.weights import cell_probabilities
 
 log = logging.getLogger("data_prep")
 
-# Label classes that, with the pseudo-label, make a cell's sampling group (REFERENCE.md).
+# Label classes that, with the pseudo-label, make a cell's sampling group (as in scPRINT-2).
 GROUP_CLASSES = ("tissue", "disease", "assay", "self_reported_ethnicity", "sex", "organism",
                  "cell_culture")
 

@@ -506,7 +506,7 @@ def _fill(words, rows, starts, k_ask, k_full, zeroed, p, seed, head, gene_ids, g
 
     Per cell: header words; context positions by partial Fisher-Yates over the expressed genes,
     then the top padding genes (a contiguous run, copied straight); the cell's and its
-    neighbours' counts gathered there; the REFERENCE.md corruption: drop Poisson(x p/2) counts
+    neighbours' counts gathered there; scPRINT-2's corruption: drop Poisson(x p/2) counts
     (clipped at x), then zero the entry with probability p/2. The drop is sampled by inversion
     against a per-cell CDF row for each integer count value (built on first use: counts repeat
     a lot), by inversion for other counts and PTRS for large means. All randomness comes from the

@@ -52,7 +52,7 @@ class ModelConfig:
     n_heads: int = 4
     attention: str = "criss_cross"  # "criss_cross" | "full"
     n_latents: int = 200
-    latent_dim: int = 128  # width of the latent tokens (REFERENCE: s = 128)
+    latent_dim: int = 128  # width of the latent tokens (scPRINT-2: s = 128)
     cell_layers: int = 2  # depth of the cell-token transformer
     mlp_ratio: int = 4
     dropout: float = 0.1
@@ -93,7 +93,7 @@ class ModelConfig:
         return asdict(self)
 
 
-# Sizes of REFERENCE.md for small/medium/large; tiny trains on 2 CPU ranks in about a minute.
+# Sizes of scPRINT-2 for small/medium/large; tiny trains on 2 CPU ranks in about a minute.
 # Parameter counts depend on the vocabulary: a learned gene table adds n_genes x d_model. Without
 # it: small ~10M, medium ~65M, large ~675M; small with a 60k-gene table ~25M (count_for_vocab).
 PRESETS = {
