@@ -37,6 +37,13 @@ class LabelVocab:
 
     def add(self, kind: str, values: Iterable) -> np.ndarray:
         """Ids (int64) of ``values``, appending the new ones; None maps to -1 (unknown)."""
+        return self._ids(kind, values, grow=True)
+
+    def lookup(self, kind: str, values: Iterable) -> np.ndarray:
+        """Ids of existing values (KeyError for a value not in the vocabulary); None -> -1."""
+        return self._ids(kind, values, grow=False)
+
+    def _ids(self, kind: str, values: Iterable, grow: bool) -> np.ndarray:
         self._check(kind)
         index, stored = self._index[kind], self._values[kind]
         out = []
@@ -47,24 +54,11 @@ class LabelVocab:
             key = self._key(kind, v)
             i = index.get(key)
             if i is None:
+                if not grow:
+                    raise KeyError(f"{kind} label {key!r} is not in the label vocabulary")
                 i = index[key] = len(stored)
                 stored.append(key)
             out.append(i)
-        return np.asarray(out, dtype=np.int64)
-
-    def lookup(self, kind: str, values: Iterable) -> np.ndarray:
-        """Ids of existing values (KeyError for a value not in the vocabulary); None -> -1."""
-        self._check(kind)
-        index = self._index[kind]
-        out = []
-        for v in values:
-            if v is None:
-                out.append(UNKNOWN)
-                continue
-            key = self._key(kind, v)
-            if key not in index:
-                raise KeyError(f"{kind} label {key!r} is not in the label vocabulary")
-            out.append(index[key])
         return np.asarray(out, dtype=np.int64)
 
     def values(self, kind: str) -> list:

@@ -91,6 +91,16 @@ _N_PARAM_VECTORS = 9  # w1s, b1s, g_s, beta_s, w1n[:, 0], w1n[:, 1], b1n, g_n, b
 
 
 @triton.jit
+def _load_params(p_ptr, cols, DP: tl.constexpr):
+    """The _N_PARAM_VECTORS packed per-feature vectors, each DP wide (see the forward)."""
+    return (tl.load(p_ptr + 0 * DP + cols), tl.load(p_ptr + 1 * DP + cols),
+            tl.load(p_ptr + 2 * DP + cols), tl.load(p_ptr + 3 * DP + cols),
+            tl.load(p_ptr + 4 * DP + cols), tl.load(p_ptr + 5 * DP + cols),
+            tl.load(p_ptr + 6 * DP + cols), tl.load(p_ptr + 7 * DP + cols),
+            tl.load(p_ptr + 8 * DP + cols))
+
+
+@triton.jit
 def _ln_relu(z, g, beta, cmask, D: tl.constexpr, eps):
     """LayerNorm over the D real columns (padding columns of z must be 0), affine, ReLU."""
     mean = tl.sum(z, axis=1) / D
@@ -124,15 +134,7 @@ def _deepset_fwd_kernel(
     rmask = rows < N
     cols = tl.arange(0, DP)
     cmask = cols < D
-    w1s = tl.load(p_ptr + 0 * DP + cols)
-    b1s = tl.load(p_ptr + 1 * DP + cols)
-    g_s = tl.load(p_ptr + 2 * DP + cols)
-    be_s = tl.load(p_ptr + 3 * DP + cols)
-    wx = tl.load(p_ptr + 4 * DP + cols)
-    wd = tl.load(p_ptr + 5 * DP + cols)
-    b1n = tl.load(p_ptr + 6 * DP + cols)
-    g_n = tl.load(p_ptr + 7 * DP + cols)
-    be_n = tl.load(p_ptr + 8 * DP + cols)
+    w1s, b1s, g_s, be_s, wx, wd, b1n, g_n, be_n = _load_params(p_ptr, cols, DP)
     out_mask = rmask[:, None] & cmask[None, :]
     h_rows = h_ptr + b * s_h_b + rows[:, None] * s_h_n + cols[None, :]
 
@@ -167,15 +169,7 @@ def _deepset_bwd_kernel(
     b = tl.program_id(1)
     cols = tl.arange(0, DP)
     cmask = cols < D
-    w1s = tl.load(p_ptr + 0 * DP + cols)
-    b1s = tl.load(p_ptr + 1 * DP + cols)
-    g_s = tl.load(p_ptr + 2 * DP + cols)
-    be_s = tl.load(p_ptr + 3 * DP + cols)
-    wx = tl.load(p_ptr + 4 * DP + cols)
-    wd = tl.load(p_ptr + 5 * DP + cols)
-    b1n = tl.load(p_ptr + 6 * DP + cols)
-    g_n = tl.load(p_ptr + 7 * DP + cols)
-    be_n = tl.load(p_ptr + 8 * DP + cols)
+    w1s, b1s, g_s, be_s, wx, wd, b1n, g_n, be_n = _load_params(p_ptr, cols, DP)
     a_w1s = tl.zeros((DP,), dtype=tl.float32)
     a_b1s = tl.zeros((DP,), dtype=tl.float32)
     a_gs = tl.zeros((DP,), dtype=tl.float32)
