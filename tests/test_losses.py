@@ -163,7 +163,7 @@ def test_all_gather_gives_gradient_to_other_ranks_embeddings():
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_gather_worker, args=(world, str(Path(tmp) / "init"), tmp),
-                           nprocs=world, start_method="fork")
+                           nprocs=world, start_method="spawn")
         grads = [torch.load(Path(tmp) / f"grad{r}.pt") for r in range(world)]
     torch.manual_seed(0)
     a_all = torch.randn(world * 3, 4).requires_grad_()
