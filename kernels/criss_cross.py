@@ -70,6 +70,24 @@ def reference_criss_cross_attention(q_x, k_x, v_x, q_z, k_z, v_z, x_mask=None):
 
 
 @triton.jit
+def _load_kv(K, V, KMASK, b, h, offs_k, offs_d, k_end, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+             sm_b, sm_n, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """A block of keys and values (rows ``offs_k`` below ``k_end``) and which keys may be read."""
+    k_in = offs_k < k_end
+    valid = k_in
+    if HAS_MASK:
+        valid = valid & (tl.load(KMASK + b * sm_b + offs_k * sm_n, mask=k_in, other=0) != 0)
+    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :],
+                mask=k_in[:, None], other=0.0)
+    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :],
+                mask=k_in[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return valid, k, v
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, KMASK, O, LSE,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n,
@@ -98,17 +116,8 @@ def _attn_fwd(
     k_hi = tl.minimum(k_lo + keys_per_split, LK)
     for start in range(k_lo, k_hi, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
-        k_in = offs_k < k_hi
-        valid = k_in
-        if HAS_MASK:
-            valid = valid & (tl.load(KMASK + b * sm_b + offs_k * sm_n, mask=k_in, other=0) != 0)
-        k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :],
-                    mask=k_in[:, None], other=0.0)
-        v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :],
-                    mask=k_in[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        valid, k, v = _load_kv(K, V, KMASK, b, h, offs_k, offs_d, k_hi, sk_b, sk_h, sk_n, sv_b,
+                               sv_h, sv_n, sm_b, sm_n, HAS_MASK, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -146,16 +155,8 @@ def _attn_bwd(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, D)
     k_in = offs_k < LK
-    valid = k_in
-    if HAS_MASK:
-        valid = valid & (tl.load(KMASK + b * sm_b + offs_k * sm_n, mask=k_in, other=0) != 0)
-    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :],
-                mask=k_in[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :],
-                mask=k_in[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    valid, k, v = _load_kv(K, V, KMASK, b, h, offs_k, offs_d, LK, sk_b, sk_h, sk_n, sv_b, sv_h,
+                           sv_n, sm_b, sm_n, HAS_MASK, UPCAST)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
     q_lo = pid_s * queries_per_split
