@@ -31,7 +31,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from data_prep.shard_format import load_manifest  # noqa: E402
+from data_prep.labels import LabelVocab  # noqa: E402
+from data_prep.shard_format import CLASSES, load_manifest  # noqa: E402
 from pretrain.config import TrainConfig, parse_train_config  # noqa: E402
 from pretrain.evaluate import evaluate  # noqa: E402
 
@@ -214,25 +215,25 @@ def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -
     labels.json (e.g. ontology term ids); parents absent from the shards are skipped, since no
     cell can carry them.
     """
-    names = json.loads((Path(shards) / manifest["labels"]["file"]).read_text())["classes"]
+    vocab = LabelVocab.load((Path(shards) / manifest["labels"]["file"]).parent)
     try:
         given = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read the label hierarchy ({e})") from None
     hierarchy = {}
     for cls, parents in given.items():
-        if cls not in names:
-            raise ValueError(f"{path}: unknown class {cls!r}; classes are {sorted(names)}")
-        ids = {label: i for i, label in enumerate(names[cls])}
+        if cls not in CLASSES:
+            raise ValueError(f"{path}: unknown class {cls!r}; classes are {sorted(CLASSES)}")
+        known = set(vocab.values(cls))
         resolved = {}
         for parent, leaves in parents.items():
-            if parent not in ids:
+            if parent not in known:
                 continue
-            missing = [leaf for leaf in leaves if leaf not in ids]
-            if missing:
-                raise ValueError(f"{path}: {cls} leaves {missing[:5]} of {parent!r} are not "
-                                 "labels of these shards")
-            resolved[ids[parent]] = [ids[leaf] for leaf in leaves]
+            try:
+                ids = vocab.lookup(cls, [parent, *leaves])
+            except KeyError as e:
+                raise ValueError(f"{path}: {e.args[0]} (a leaf of {parent!r})") from None
+            resolved[int(ids[0])] = ids[1:].tolist()
         if resolved:
             hierarchy[cls] = resolved
     return hierarchy
