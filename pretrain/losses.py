@@ -106,6 +106,34 @@ def classification_loss(
     return (per_cell * known).sum() / known.sum().clamp(min=1)
 
 
+def softmax_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, children: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over labelled cells of the cross-entropy of the cell's label among the leaf labels.
+
+    labels: int64 [B], -1 = unknown (no loss, no gradient). A leaf label's term is
+    ``-log softmax(leaf logits)[label]``; a parent label (row of ``children``) supervises the
+    probability of its leaves together, ``-log sum_{leaf under it} softmax(leaf logits)``.
+    Parent columns never enter the softmax. Why not the reference's per-label BCE: averaged over
+    n labels, the positive label's gradient is 1/n of the loss (a 13-type class gave the heads
+    almost nothing to learn from; docs/benchmarks/quality.md), while the softmax puts the whole
+    gradient on telling the right label from the others.
+    """
+    logits = logits.float()
+    known = labels >= 0
+    y = labels.clamp(min=0)
+    if children is None:
+        nll = -torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+    else:
+        leaves = logits.masked_fill(children.any(1), float("-inf"))
+        # the leaves a cell's label covers: those under a parent label, or the leaf label itself
+        target = children[y] | (F.one_hot(y, logits.shape[-1]).bool()
+                                & ~children[y].any(1, keepdim=True))
+        nll = torch.logsumexp(leaves, -1) - torch.logsumexp(
+            leaves.masked_fill(~target, float("-inf")), -1)
+    return torch.where(known, nll, 0).sum() / known.sum().clamp(min=1)
+
+
 def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE: row i of ``a`` and of ``b`` are two views of the same cell.
 

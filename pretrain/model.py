@@ -30,6 +30,7 @@ from pretrain.losses import (
     hierarchy_children,
     info_nce,
     parent_logits,
+    softmax_classification_loss,
     zinb_nll,
 )
 
@@ -67,6 +68,17 @@ class ModelConfig:
     # Scale of the ZINB mean: "context" = the cell's total count over its context genes (the
     # softmax covers exactly those genes), "library" = the full profile's library size.
     mean_scale: str = "context"
+    # How cell identity reaches the heads (docs/benchmarks/quality.md measures each switch):
+    # token_norm: the gene token is LN(gene embedding) + LN(expression) + LN(neighbours), so no
+    # component can swamp the others; neighbour_scale_init: the initial gain of the neighbour
+    # component's norm (0: it starts switched off and grows only as far as it helps);
+    # pooled_readout: the cell tokens start from the normalised mean of the gene states;
+    # classification: "softmax" (cross-entropy over a class's leaf labels) or "bce" (the
+    # reference's per-label binary cross-entropy).
+    token_norm: bool = True
+    neighbour_scale_init: float = 0.0
+    pooled_readout: bool = True
+    classification: str = "softmax"
     w_zinb: float = 1.0
     w_mse: float = 0.0  # optional MSE between log2(1 + mean) and log2(1 + counts)
     w_classification: float = 6.0
@@ -78,6 +90,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention: {self.attention!r} not in criss_cross, full")
         if self.kernels not in ("auto", "reference"):
             raise ValueError(f"ModelConfig.kernels: {self.kernels!r} not in auto, reference")
+        if self.classification not in ("softmax", "bce"):
+            raise ValueError(f"ModelConfig.classification: {self.classification!r} not in "
+                             "softmax, bce")
         if self.mean_scale not in ("context", "library"):
             raise ValueError(f"ModelConfig.mean_scale: {self.mean_scale!r} not in context, library")
         if self.d_model % self.n_heads:
@@ -274,6 +289,9 @@ class ScPrintModel(nn.Module):
         self.expression = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
         deepset = DeepSetEncoderReference if reference else DeepSetEncoder
         self.neighbours = deepset(d, cfg.neighbour_dropout)
+        # One norm per gene-token component (identity, expression, neighbours): see encode().
+        self.token_norms = nn.ModuleList(
+            nn.LayerNorm(d, eps=LN_EPS) for _ in range(3)) if cfg.token_norm else None
         if cfg.attention == "criss_cross":
             attend = reference_criss_cross_attention if reference else criss_cross_attention
             self.latents = nn.Parameter(torch.empty(cfg.n_latents, cfg.latent_dim))
@@ -283,6 +301,7 @@ class ScPrintModel(nn.Module):
             self.latents = None
             self.blocks = nn.ModuleList(FullBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_genes = nn.LayerNorm(d, eps=LN_EPS)
+        self.norm_pooled = nn.LayerNorm(d, eps=LN_EPS) if cfg.pooled_readout else None
         self.cell_tokens = nn.Parameter(torch.empty(N_CELL_TOKENS, d))
         self.cell_blocks = nn.ModuleList(CellBlock(cfg) for _ in range(cfg.cell_layers))
         self.norm_cells = nn.LayerNorm(d, eps=LN_EPS)
@@ -299,6 +318,8 @@ class ScPrintModel(nn.Module):
             self.register_buffer(f"children_{c}", children, persistent=False)
         self.apply(self._init)
         nn.init.normal_(self.cell_tokens, std=INIT_STD)
+        if self.token_norms is not None:
+            nn.init.constant_(self.token_norms[2].weight, cfg.neighbour_scale_init)
         if self.latents is not None:
             nn.init.normal_(self.latents, std=INIT_STD)
 
@@ -316,13 +337,25 @@ class ScPrintModel(nn.Module):
         return getattr(self, f"children_{c}") if c in self.hierarchy else None
 
     def encode(self, gene_ids, input_counts, nbr_counts, nbr_dist, nbr_mask, gene_mask):
-        """Gene states after the trunk ([B, L, d], final-normed) and cell tokens ([B, 10, d])."""
+        """Gene states after the trunk ([B, L, d], final-normed) and cell tokens ([B, 10, d]).
+
+        Why the gene token normalises its parts: summed raw, the DeepSet output (whose neighbour
+        branch sees raw PCA distances of ~10 next to log counts of ~1, so it is nearly the same
+        vector at every gene of a cell) grew within 50 steps to outweigh the gene embeddings,
+        and the model fitted a per-cell nuisance instead of which genes a cell expresses.
+        Why the cell tokens start from the pooled genes: at initialisation their cross-attention
+        is a mean over ~1,000 genes added to a token shared by all cells, so the heads saw
+        nearly the same vector for every cell and learned the class frequencies only.
+        """
         # Float inputs follow the parameters' dtype (a bf16-cast model gets bf16 values).
         dtype = self.cell_tokens.dtype
         x_self = torch.log2(1 + input_counts.float()).to(dtype)
-        x = (self.gene_embedding(gene_ids) + self.expression(x_self.unsqueeze(-1))
-             + self.neighbours(x_self, torch.log2(1 + nbr_counts.float()).to(dtype),
-                               nbr_dist.to(dtype), nbr_mask))
+        parts = (self.gene_embedding(gene_ids), self.expression(x_self.unsqueeze(-1)),
+                 self.neighbours(x_self, torch.log2(1 + nbr_counts.float()).to(dtype),
+                                 nbr_dist.to(dtype), nbr_mask))
+        if self.token_norms is not None:
+            parts = tuple(norm(part) for norm, part in zip(self.token_norms, parts))
+        x = parts[0] + parts[1] + parts[2]
         b = x.shape[0]
         z = None if self.latents is None else self.latents.unsqueeze(0).expand(b, -1, -1)
         for block in self.blocks:
@@ -332,6 +365,10 @@ class ScPrintModel(nn.Module):
                 x, z = block(x, z, gene_mask)
         genes = self.norm_genes(x)
         cells = self.cell_tokens.unsqueeze(0).expand(b, -1, -1)
+        if self.norm_pooled is not None:
+            real = gene_mask.to(genes.dtype).unsqueeze(-1)
+            pooled = (genes * real).sum(1) / real.sum(1).clamp(min=1)
+            cells = cells + self.norm_pooled(pooled).unsqueeze(1)
         for block in self.cell_blocks:
             cells = block(cells, genes, gene_mask)
         return genes, self.norm_cells(cells)
@@ -380,7 +417,9 @@ class ScPrintModel(nn.Module):
         labels = rep(batch["labels"])
         for c, i in self.class_index.items():
             logits, children = self.heads[c](cells[:, 1 + i]).float(), self._children(c)
-            class_losses.append(classification_loss(logits, labels[:, i], children))
+            loss = (softmax_classification_loss if self.cfg.classification == "softmax"
+                    else classification_loss)
+            class_losses.append(loss(logits, labels[:, i], children))
             losses[f"cls_{c}"] = class_losses[-1]
             class_logits[c] = logits[:b] if children is None else parent_logits(logits[:b],
                                                                                 children)
@@ -397,6 +436,23 @@ class ScPrintModel(nn.Module):
         total = sum(weights[k] * v for k, v in losses.items() if k in weights)
         return {"loss": total, "losses": losses, "cell_emb": cells[:b, 0],
                 "pred_mean": mean[:b], "class_logits": class_logits}
+
+    @torch.no_grad()
+    def predict(self, batch: dict) -> dict:
+        """Inference on an uncorrupted batch (``input_counts`` = the cell's counts): the general
+        cell embedding ``cell_emb`` [B, d] and, per supervised class, ``class_probs`` [B, n]:
+        the probability of each leaf label (parent labels of a hierarchy get 0), a softmax
+        over the leaves, or each label's own sigmoid under the "bce" objective."""
+        _, cells = self.encode(batch["gene_ids"], batch["input_counts"], batch["nbr_counts"],
+                               batch["nbr_dist"], batch["nbr_mask"], batch["gene_mask"])
+        probs = {}
+        for c, i in self.class_index.items():
+            logits, children = self.heads[c](cells[:, 1 + i]).float(), self._children(c)
+            if children is not None:
+                logits = logits.masked_fill(children.any(1), float("-inf"))
+            probs[c] = (torch.softmax(logits, -1) if self.cfg.classification == "softmax"
+                        else torch.sigmoid(logits))
+        return {"cell_emb": cells[:, 0].float(), "class_probs": probs}
 
     def num_parameters(self, trainable_only: bool = False, exclude_gene_table: bool = False) -> int:
         """Parameter count; ``exclude_gene_table`` drops the learned gene table (vocab-sized)."""

@@ -18,6 +18,7 @@ from pretrain.losses import (
     hierarchy_children,
     info_nce,
     parent_logits,
+    softmax_classification_loss,
     zinb_nll,
 )
 
@@ -113,6 +114,44 @@ def test_unknown_labels_give_zero_gradient():
     loss = classification_loss(logits, all_unknown, children)
     loss.backward()
     assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros(4, 5))
+
+
+def softmax_direct(logits, labels, parents):
+    """Mean over known cells of -log P(label): softmax over leaves, a parent's P = sum of its
+    leaves' P, written with plain exponentials in float64."""
+    n = logits.shape[1]
+    leaves = [j for j in range(n) if j not in parents]
+    terms = []
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        if y < 0:
+            continue
+        z = sum(math.exp(row[j]) for j in leaves)
+        covered = parents.get(y, [y])
+        terms.append(-math.log(sum(math.exp(row[j]) for j in covered) / z))
+    return sum(terms) / len(terms)
+
+
+def test_softmax_classification_loss_matches_direct_formula_and_masks_unknowns():
+    torch.manual_seed(0)
+    n = 7
+    parents = {5: [0, 1, 2], 6: [3, 4]}
+    children = hierarchy_children({str(k): v for k, v in parents.items()}, n)
+    logits = (torch.randn(9, n, dtype=torch.float64) * 3).requires_grad_()
+    labels = torch.tensor([0, 3, -1, 5, 6, 2, -1, 4, 5])
+    got = softmax_classification_loss(logits, labels, children)
+    assert got.item() == pytest.approx(softmax_direct(logits, labels, parents), rel=1e-6)
+    flat = softmax_classification_loss(logits, labels.clamp(max=4))
+    assert flat.item() == pytest.approx(softmax_direct(logits, labels.clamp(max=4), {}), rel=1e-6)
+    got.backward()
+    assert torch.equal(logits.grad[[2, 6]], torch.zeros(2, n, dtype=torch.float64))
+    assert torch.isfinite(logits.grad).all()
+    assert torch.equal(logits.grad[:, 5:], torch.zeros(9, 2, dtype=torch.float64))  # parents
+    # The right label's gradient is the whole error, not 1/n of it as in the per-label BCE.
+    one = torch.zeros(1, 13, requires_grad=True)
+    softmax_classification_loss(one, torch.tensor([4])).backward()
+    assert one.grad[0, 4].item() == pytest.approx(1 / 13 - 1)
+    all_unknown = softmax_classification_loss(logits, torch.full((9,), -1), children)
+    assert all_unknown.item() == 0
 
 
 def test_hierarchy_validation_and_parent_logits():

@@ -238,3 +238,44 @@ def test_flops_per_cell_matches_counted_matmuls():
     assert steps[2] - steps[1] == pytest.approx(steps[1] - steps[0])
     assert full.flops_per_cell(3000) - full.flops_per_cell(2000) > (
         full.flops_per_cell(2000) - full.flops_per_cell(1000)) * 1.1
+
+
+def test_predict_gives_label_probabilities():
+    """Softmax over the leaf labels (parents 0); the reference's BCE gives per-label sigmoids."""
+    torch.manual_seed(0)
+    model = ScPrintModel(ModelConfig.preset("tiny", kernels="reference"), N_GENES, N_LABELS,
+                         label_hierarchy={"cell_type": {"3": [0, 1]}}).eval()
+    batch = make_batch(views=1)
+    out = model.predict(batch)
+    assert out["cell_emb"].shape == (4, model.cfg.d_model)
+    probs = out["class_probs"]
+    assert set(probs) == set(CLASSES)
+    torch.testing.assert_close(probs["sex"].sum(1), torch.ones(4))
+    assert torch.equal(probs["cell_type"][:, 3], torch.zeros(4))
+    torch.testing.assert_close(probs["cell_type"].sum(1), torch.ones(4))
+    bce = tiny(classification="bce").eval().predict(batch)["class_probs"]["sex"]
+    assert ((bce > 0) & (bce < 1)).all() and not torch.allclose(bce.sum(1), torch.ones(4))
+
+
+def test_neighbour_part_of_the_gene_token_starts_switched_off():
+    """With neighbour_scale_init = 0 the neighbours change nothing at initialisation (they are
+    learned in as they help); at 1, or with the reference's raw token sum, they do."""
+    batch = make_batch(views=1)
+    other = dict(batch, nbr_counts=batch["nbr_counts"] * 3 + 1)
+    for overrides, changes in [({}, False), ({"neighbour_scale_init": 1.0}, True),
+                               ({"token_norm": False}, True)]:
+        model = tiny(**overrides).eval()
+        a, b = model.predict(batch)["cell_emb"], model.predict(other)["cell_emb"]
+        assert (not torch.equal(a, b)) is changes, overrides
+    with pytest.raises(ValueError, match="classification"):
+        tiny(classification="ce")
+
+
+def test_reference_form_still_trains_a_step():
+    """Every design switch back to the reference's form (raw token sum, cross-attention-only
+    readout, per-label BCE) is a working model, for ablations."""
+    model = tiny(token_norm=False, pooled_readout=False, classification="bce")
+    out = model(make_batch())
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert model.gene_embedding.table.weight.grad.abs().sum() > 0
