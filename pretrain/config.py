@@ -9,8 +9,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
+
+# Optimisation recipe of each model preset: what a flag left unset takes. small/medium/large are
+# scPRINT-2's published settings (per-GPU batch, peak lr, warmup, clipping; medium's clipping is
+# not published: it takes large's); tiny is sized for CPU ranks and was tuned by measurement
+# (docs/benchmarks/quality.md): with 2 ranks x 16 cells it needs a 20x larger lr than small.
+RECIPES = {
+    "tiny": dict(batch_size=16, lr=2e-3, warmup_steps=50, grad_clip=40.0),
+    "small": dict(batch_size=30, lr=1e-4, warmup_steps=500, grad_clip=40.0),
+    "medium": dict(batch_size=16, lr=1e-4, warmup_steps=2000, grad_clip=2.0),
+    "large": dict(batch_size=16, lr=5e-5, warmup_steps=4000, grad_clip=2.0),
+}
 
 
 @dataclass
@@ -35,18 +47,22 @@ class TrainConfig:
                 "empty: a learned embedding table"})
     views: int = field(default=2, metadata={
         "help": "corrupted views per cell: 2 trains the contrastive term between them, 1 skips it"})
-    batch_size: int = field(default=8, metadata={"help": "cells per rank per micro-step"})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "cells per rank per micro-step (unset: the preset's recipe)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
     context: int = field(default=3200, metadata={"help": "genes per cell (max context)"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate of AdamW (unset: the preset's recipe)"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
-    warmup_steps: int = field(default=500, metadata={"help": "linear warmup steps"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "linear warmup steps (unset: the preset's recipe)"})
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-7
-    grad_clip: float = field(default=40.0, metadata={
-        "help": "max global grad norm, used where the JSON says gradient_clipping 'auto'"})
+    grad_clip: float | None = field(default=None, metadata={
+        "help": "max global grad norm, used where the JSON says gradient_clipping 'auto' "
+                "(unset: the preset's recipe)"})
     precision: str = field(default="auto", metadata={
         "help": "auto (the JSON decides; 'auto' there means bf16), bf16 or fp32"})
     seed: int = 0
@@ -64,8 +80,18 @@ class TrainConfig:
         "help": "peak TFLOP/s per rank for MFU (0 = known GPU table, else MFU not logged)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
+    def __post_init__(self) -> None:
+        """Optimisation settings left unset take the preset's recipe (``RECIPES``)."""
+        if self.model not in RECIPES:
+            raise ValueError(f"unknown model preset {self.model!r}; choose from {sorted(RECIPES)}")
+        for name, value in RECIPES[self.model].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
 
 def _parser_type(tp: object) -> type:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: parse as X
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
     if tp in (int, "int"):
         return int
     if tp in (float, "float"):
@@ -85,8 +111,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=f.default, help=help_)
         else:
+            if f.default is not None:
+                help_ = f"{help_} (default: {f.default})"
             parser.add_argument(*names, dest=f.name, type=_parser_type(hints[f.name]),
-                                default=f.default, help=f"{help_} (default: {f.default})")
+                                default=f.default, help=help_)
 
 
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
@@ -94,7 +122,10 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
         prog="pretrain/train.py", allow_abbrev=False,
         description="Pretrain a single-cell foundation model with DeepSpeed ZeRO.")
     add_dataclass_args(parser, TrainConfig)
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    try:
+        cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    except ValueError as e:
+        parser.error(str(e))
     if not cfg.shards or not cfg.out:
         parser.error("--shards and --out are required")
     if cfg.precision not in ("auto", "bf16", "fp32"):
