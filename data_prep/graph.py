@@ -20,6 +20,9 @@ Pipeline (one dataset, all steps deterministic for a seed):
    exponential kernels).
 6. Pseudo-labels = cell type x cluster (see ``pseudo_labels``).
 
+Steps 1-4 are ``neighbours``, which pretrain.embed also runs on a new file so that its cells get
+neighbours found as in training; ``compute_graph`` adds steps 5-6.
+
 Tiny datasets (rule recorded in meta.json): ``n_pcs = min(n_pcs, n_cells - 1, n_genes)``;
 ``k = min(k, n_cells - 1)``; neighbour slots that cannot be filled hold -1 / inf; a dataset of one
 cell (or with no variable gene) is a single cluster and needs no PCA.
@@ -135,13 +138,22 @@ def _chunk(counts: sp.csr_matrix, start: int, stop: int):
     return rows, np.asarray(counts.indices[lo:hi]), np.asarray(counts.data[lo:hi], np.float64)
 
 
-def _row_scale(counts: sp.csr_matrix, target_sum: float, chunk_rows: int = 8192) -> np.ndarray:
-    """Per-cell factor target_sum / library size (0 for an empty cell), streamed by row chunk."""
+def row_totals(counts: sp.csr_matrix, chunk_rows: int = 8192,
+               columns: np.ndarray | None = None) -> np.ndarray:
+    """Per-cell sum of the counts (float64), streamed by row chunk; with ``columns`` (a bool
+    mask over the columns) only the counts of those columns."""
     n = counts.shape[0]
     totals = np.zeros(n)
     for start, stop in _row_chunks(n, chunk_rows):
-        rows, _, vals = _chunk(counts, start, stop)
-        totals[start:stop] = np.bincount(rows - start, weights=vals, minlength=stop - start)
+        rows, cols, vals = _chunk(counts, start, stop)
+        weights = vals if columns is None else vals * columns[cols]
+        totals[start:stop] = np.bincount(rows - start, weights=weights, minlength=stop - start)
+    return totals
+
+
+def _row_scale(counts: sp.csr_matrix, target_sum: float, chunk_rows: int = 8192) -> np.ndarray:
+    """Per-cell factor target_sum / library size (0 for an empty cell), streamed by row chunk."""
+    totals = row_totals(counts, chunk_rows)
     return np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
 
 
@@ -416,78 +428,116 @@ def _cell_types(ds) -> np.ndarray | None:
     return table[np.where(codes >= 0, codes, len(values))]
 
 
-def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int) -> DatasetGraph:
-    """All stages in memory; ``cell_type`` is per-cell strings (None entries = unknown) or None."""
+class _Stopwatch:
+    """Seconds per stage (rounded to 0.1 ms), in the order the stages ran."""
+
+    def __init__(self, timings: dict[str, float] | None = None):
+        self.timings = {} if timings is None else timings
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._t, 4)
+        self._t = now
+
+
+@dataclass
+class Neighbours:
+    """Each cell's nearest other cells in PCA space (steps 1-4) and how they were found."""
+
+    idx: np.ndarray  # int32 [n, k], ascending distance; [n, 0] when there was no PCA
+    dist: np.ndarray  # float32, same shape
+    n_hvg: int  # genes of the PCA (all genes when no neighbour was to be found)
+    n_pcs: int
+    k: int  # min(k asked, n_cells - 1)
+    method: str  # "exact", "pynndescent" or "none"
+    tiny_rule: list[str]  # the tiny-dataset rules that applied
+    timings_s: dict[str, float]
+
+
+def neighbours(counts: sp.csr_matrix, k: int, cfg: GraphConfig, seed: int) -> Neighbours:
+    """Steps 1-4 with the tiny-dataset rules: HVGs, log-normalisation, PCA, then exact or
+    NN-descent kNN of each cell's ``min(k, n_cells - 1)`` nearest other cells.
+
+    With no neighbour to find (one cell, or ``k`` < 1) genes are neither selected nor
+    normalised; with no PCA component (no genes) there are no neighbours either.
+    """
     n, g = counts.shape
     if n == 0:
         raise ValueError("cannot build a cell graph for a dataset with no cells")
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name):
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = round(now - t, 4)
-        t = now
-
-    scale = _row_scale(counts, cfg.target_sum, cfg.chunk_rows)
-    genes = highly_variable_genes(counts, cfg, scale) if n > 1 else np.arange(g)
-    lap("hvg")
-    x = log_normalise(counts, genes, cfg, scale)
-    lap("normalise")
+    watch = _Stopwatch()
+    k_used = min(k, n - 1)
+    if k_used >= 1:
+        scale = _row_scale(counts, cfg.target_sum, cfg.chunk_rows)
+        genes = highly_variable_genes(counts, cfg, scale)
+        watch.lap("hvg")
+    else:
+        genes = np.arange(g)
     n_pcs = min(cfg.n_pcs, n - 1, genes.size)
-    k = min(cfg.k, n - 1)
     rule = []
     if n_pcs < cfg.n_pcs:
         rule.append(f"n_pcs=min({cfg.n_pcs}, n_cells-1, n_genes)={n_pcs}")
-    if k < cfg.k:
-        rule.append(f"k=min({cfg.k}, n_cells-1)={k}; missing neighbour slots are -1/inf")
-    if n_pcs >= 1 and k >= 1:
+    if k_used < k:
+        rule.append(f"k=min({k}, n_cells-1)={k_used}; missing neighbour slots are -1/inf")
+    if n_pcs < 1 or k_used < 1:
+        idx, dist = np.full((n, 0), -1, np.int32), np.full((n, 0), np.inf, np.float32)
+        method = "none"
+    else:
+        x = log_normalise(counts, genes, cfg, scale)
+        watch.lap("normalise")
         emb = pca(x, n_pcs, seed, cfg)
-        lap("pca")
+        watch.lap("pca")
         if n < cfg.exact_knn_below:
-            idx, dist = exact_knn(emb, k)
+            idx, dist = exact_knn(emb, k_used)
             method = "exact"
         else:
-            idx, dist = approximate_knn(emb, k, seed, cfg)
+            idx, dist = approximate_knn(emb, k_used, seed, cfg)
             method = "pynndescent"
-        lap("knn")
+        watch.lap("knn")
+    return Neighbours(idx, dist, int(genes.size), int(max(n_pcs, 0)), int(max(k_used, 0)),
+                      method, rule, watch.timings)
+
+
+def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int) -> DatasetGraph:
+    """All stages in memory; ``cell_type`` is per-cell strings (None entries = unknown) or None."""
+    n, g = counts.shape
+    nb = neighbours(counts, cfg.k, cfg, seed)
+    watch = _Stopwatch(nb.timings_s)
+    rule = list(nb.tiny_rule)
+    if nb.idx.shape[1]:
         clusters = leiden(
-            connectivities(idx, dist),
+            connectivities(nb.idx, nb.dist),
             cfg.leiden_resolution,
             cfg.leiden_iterations,
             seed,
             cfg.leiden_backend,
         )
-        lap("leiden")
+        watch.lap("leiden")
     else:
         rule.append("single cluster, no neighbours (fewer than 2 cells or no genes)")
-        idx = np.full((n, 0), -1, np.int32)
-        dist = np.full((n, 0), np.inf, np.float32)
         clusters = np.zeros(n, dtype=np.int32)
-        method = "none"
     kept = cfg.n_neighbours_kept
     nbr_idx = np.full((n, kept), -1, np.int32)
     nbr_dist = np.full((n, kept), np.inf, np.float32)
-    m = min(kept, idx.shape[1])
-    nbr_idx[:, :m] = idx[:, :m]
-    nbr_dist[:, :m] = dist[:, :m]
+    m = min(kept, nb.idx.shape[1])
+    nbr_idx[:, :m] = nb.idx[:, :m]
+    nbr_dist[:, :m] = nb.dist[:, :m]
     labels = pseudo_labels(cell_type, clusters, cfg.min_subcluster)
-    lap("pseudo_labels")
+    watch.lap("pseudo_labels")
     meta = {
         "version": GRAPH_VERSION,
         "n_cells": int(n),
         "n_genes": int(g),
-        "n_hvg": int(genes.size),
-        "n_pcs": int(max(n_pcs, 0)),
-        "k": int(max(k, 0)),
-        "knn_method": method,
+        "n_hvg": nb.n_hvg,
+        "n_pcs": nb.n_pcs,
+        "k": nb.k,
+        "knn_method": nb.method,
         "n_clusters": int(np.unique(clusters).size),
         "n_pseudo_labels": int(np.unique(labels).size),
         "tiny_rule": "; ".join(rule),
         "seed": int(seed),
         "config": config_fingerprint(cfg),
-        "timings_s": timings,
+        "timings_s": watch.timings,
     }
     return DatasetGraph(nbr_idx, nbr_dist, clusters.astype(np.int32), labels, meta)
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import h5py
@@ -46,6 +48,7 @@ UNKNOWN_VALUES = frozenset({"", "nan", "none", "null", "unknown", "na", "n/a", "
 CULTURE, NOT_CULTURE = "cell culture", "not cell culture"
 _CULTURE_VALUES = frozenset({"cell culture", "primary cell culture", "true", "yes", "1"})
 _NOT_CULTURE_VALUES = frozenset({"false", "no", "0"})
+ORGANISM_FROM_SHEET = "give it in the sheet's 'organism' column"
 
 
 class DatasetError(ValueError):
@@ -181,6 +184,80 @@ def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig) -> dict:
     path = spec.path
     if spec.min_genes is not None:
         cfg = replace(cfg, min_genes=spec.min_genes)
+    with open_counts(path, cfg, spec.gene_column, spec.organism) as found:
+        columns = _label_sources(spec, found.obs_columns, path)
+        cells = found.stream(tmp)
+        codes, values = _extract_labels(found.obs, columns, cells, found.organism)
+    _write_npy(tmp / "label_codes.npy", codes)
+    _write_json(tmp / "genes.json", found.genes)
+    _write_json(tmp / "label_values.json", values)
+    n_input = found.shape[0]
+    return {
+        "name": spec.name,
+        "path": str(path),
+        "organism": found.organism.curie,
+        "taxon": found.organism.taxon,
+        "organism_name": found.organism.name,
+        "counts_source": found.source,
+        "label_columns": columns,
+        "n_input": int(n_input),
+        "n_kept": int(len(cells)),
+        "n_genes": len(found.genes),
+        "dropped": {"min_genes": int(n_input - len(cells))},
+    }
+
+
+@dataclass
+class CountsFile:
+    """An open .h5ad checked by ``open_counts``; its counts are validated as they stream."""
+
+    path: Path
+    obs: h5py.Group
+    obs_columns: list[str]
+    organism: Organism
+    source: str  # the matrix holding the raw counts: "X", "raw.X" or "layers['<name>']"
+    genes: list[str]  # gene id of each of its columns
+    cfg: IngestConfig
+    _reader: _RowReader = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._reader.shape
+
+    def stream(self, out_dir: Path, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Validate and QC the counts chunk by chunk into ``out_dir`` (CSR ``indptr``,
+        ``indices``, ``data`` and per kept cell ``cells``, ``nnz``, ``total``, as ``.npy``);
+        returns the kept obs rows. ``progress(n)`` is called after each chunk of ``n`` rows."""
+        out = {
+            "indptr": _Appender(out_dir / "indptr.npy", np.int64),
+            "indices": _Appender(out_dir / "indices.npy", np.int32),
+            "data": _Appender(out_dir / "data.npy", np.float32),
+            "cells": _Appender(out_dir / "cells.npy", np.int64),
+            "nnz": _Appender(out_dir / "nnz.npy", np.int32),
+            "total": _Appender(out_dir / "total.npy", np.float32),
+        }
+        try:
+            _fill(self._reader, out, self.cfg, progress)
+        finally:
+            for a in out.values():
+                a.close()
+        for a in out.values():
+            a.finish()
+        return np.load(out_dir / "cells.npy")
+
+
+@contextmanager
+def open_counts(path: str | Path, cfg: IngestConfig, gene_column: str | None = None,
+                organism: Organism | str | None = None,
+                organism_hint: str = ORGANISM_FROM_SHEET) -> Iterator[CountsFile]:
+    """Open an .h5ad and check what reading its counts needs, for ingest and pretrain.embed.
+
+    Checks that it is AnnData; takes ``organism`` (resolved) or the file's one organism (obs,
+    then uns; ``organism_hint`` tells the user how to give one the file lacks); chooses the
+    count matrix (see the module docstring) and reads its gene ids (var names, or
+    ``gene_column`` of var), one per column. Raises DatasetError naming the file.
+    """
+    path = Path(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -190,34 +267,21 @@ def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig) -> dict:
             if key not in f:
                 raise DatasetError(path, f"not an AnnData file (no '{key}' group)")
         obs_cols = _columns(f["obs"], path)
-        organism = spec.organism or _file_organism(f, obs_cols, path)
+        if organism is None:
+            found = _file_organism(f, obs_cols, path, organism_hint)
+        else:
+            try:
+                found = resolve_organism(organism)
+            except ValueError as e:
+                raise DatasetError(path, str(e)) from None
         source, matrix, var = _choose_counts(f, path, cfg)
         reader = _RowReader(matrix, path, source)
-        n_input = reader.shape[0]
-        if n_input == 0:
+        if reader.shape[0] == 0:
             raise DatasetError(path, f"no cells ({source} has 0 rows)")
-        genes = _gene_ids(var, spec.gene_column, path, source)
+        genes = _gene_ids(var, gene_column, path, source)
         if len(genes) != reader.shape[1]:
             raise DatasetError(path, f"{source} has {reader.shape[1]} columns, {len(genes)} genes")
-        columns = _label_sources(spec, obs_cols, path)
-        cells = _stream_counts(reader, tmp, cfg)
-        codes, values = _extract_labels(f["obs"], columns, cells, organism)
-    _write_npy(tmp / "label_codes.npy", codes)
-    _write_json(tmp / "genes.json", genes)
-    _write_json(tmp / "label_values.json", values)
-    return {
-        "name": spec.name,
-        "path": str(path),
-        "organism": organism.curie,
-        "taxon": organism.taxon,
-        "organism_name": organism.name,
-        "counts_source": source,
-        "label_columns": columns,
-        "n_input": int(n_input),
-        "n_kept": int(len(cells)),
-        "n_genes": len(genes),
-        "dropped": {"min_genes": int(n_input - len(cells))},
-    }
+        yield CountsFile(path, f["obs"], obs_cols, found, source, genes, cfg, reader)
 
 
 # ---------------------------------------------------------------------------- counts
@@ -326,27 +390,8 @@ def _validate(values: np.ndarray, path: Path, source: str, row_of) -> None:
             )
 
 
-def _stream_counts(reader: _RowReader, tmp: Path, cfg: IngestConfig) -> np.ndarray:
-    """Validate + QC chunk by chunk; append kept rows to the output arrays. Returns kept rows."""
-    out = {
-        "indptr": _Appender(tmp / "indptr.npy", np.int64),
-        "indices": _Appender(tmp / "indices.npy", np.int32),
-        "data": _Appender(tmp / "data.npy", np.float32),
-        "cells": _Appender(tmp / "cells.npy", np.int64),
-        "nnz": _Appender(tmp / "nnz.npy", np.int32),
-        "total": _Appender(tmp / "total.npy", np.float32),
-    }
-    try:
-        _fill(reader, out, cfg)
-    finally:
-        for a in out.values():
-            a.close()
-    for a in out.values():
-        a.finish()
-    return np.load(tmp / "cells.npy")
-
-
-def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig) -> None:
+def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig,
+          progress: Callable[[int], None] | None) -> None:
     out["indptr"].append(np.zeros(1, np.int64))
     offset = 0
     n = reader.shape[0]
@@ -367,6 +412,8 @@ def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig) -> N
         out["cells"].append(start + keep)
         out["nnz"].append(nnz[keep])
         out["total"].append(np.asarray(kept.sum(axis=1, dtype=np.float64)).ravel())
+        if progress is not None:
+            progress(stop - start)
 
 
 class _Appender:
@@ -428,8 +475,9 @@ def _gene_ids(var: h5py.Group, column: str | None, path: Path, source: str) -> l
     return genes.tolist()
 
 
-def _file_organism(f: h5py.File, obs_cols: list[str], path: Path) -> Organism:
-    """The dataset organism from obs, then uns (schema keys); one organism per file."""
+def _file_organism(f: h5py.File, obs_cols: list[str], path: Path, hint: str) -> Organism:
+    """The dataset organism from obs, then uns (schema keys); one organism per file. ``hint``
+    ends the error when there is none: how the caller's user can give it."""
     found = None
     for key in ("organism_ontology_term_id", "organism"):
         if key in obs_cols:
@@ -445,8 +493,7 @@ def _file_organism(f: h5py.File, obs_cols: list[str], path: Path) -> Organism:
             found = str(value.item() if isinstance(value, np.ndarray) else value)
             break
     if found is None:
-        raise DatasetError(path, "unknown organism: none in obs or uns; give it in the sheet's "
-                                 "'organism' column")
+        raise DatasetError(path, f"unknown organism: none in obs or uns; {hint}")
     try:
         return resolve_organism(found)
     except ValueError as e:

@@ -241,7 +241,7 @@ def align_sample(
     union = genes.union(ranks)  # ascending rank = ascending global id
     n_union = union.shape[0]
     rows = np.repeat(
-        np.arange(0, (k + 1) * n_union, n_union),
+        np.arange(k + 1) * n_union,  # not arange's step: the union is empty when no one has counts
         [cell_cols.shape[0], *(c.shape[0] for c in nbr_cols)],
     )
     dense = np.zeros((k + 1, n_union), dtype=np.float32)

@@ -49,6 +49,21 @@ def test_metacell_is_the_mean_over_the_union():
     assert nbr.shape == (2, 3)
 
 
+@pytest.mark.parametrize("metacell", [False, True])
+def test_align_sample_of_a_cell_and_neighbours_without_counts(metacell):
+    genes = _genes(np.arange(1, 5))
+    empty = np.zeros(0, dtype=np.int64)
+    gids, counts, nbr = pack.align_sample(empty, np.zeros(0), [empty, empty],
+                                          [np.zeros(0), np.zeros(0)], genes, context=8,
+                                          metacell=metacell)
+    assert gids.shape == (0,) and gids.dtype == np.uint32
+    assert counts.shape == (0,) and counts.dtype == np.float32
+    assert nbr.shape == (2, 0) and nbr.dtype == np.float32
+    gids, counts, nbr = pack.align_sample(empty, np.zeros(0), [], [], genes, context=8,
+                                          metacell=metacell)
+    assert gids.shape == counts.shape == (0,) and nbr.shape == (0, 0)
+
+
 def test_shard_bounds_respect_samples_and_bytes():
     size = np.full(10, 100)
     np.testing.assert_array_equal(pack.shard_bounds(size, 4, 10_000), [0, 4, 8, 10])
