@@ -1,11 +1,15 @@
-"""Turn a run's sharded DeepSpeed checkpoint into one fp32 file that a plain model loads.
+"""Turn a run's sharded DeepSpeed checkpoint into one self-contained fp32 model file.
 
-    python -m pretrain.export RUN --out model.pt [--tag step00001000]
+    python -m pretrain.export RUN --out model.pt [--tag step00001000] [--shards OUT]
 
 ZeRO checkpoints are split across ranks (and hold bf16 weights with fp32 masters); DeepSpeed's
-``zero_to_fp32`` reassembles the fp32 masters. The file holds ``state_dict``, the model config,
-the vocabulary and label sizes and the step, so ``load_exported`` needs nothing else: no
-DeepSpeed, no process group, any number of devices.
+``zero_to_fp32`` reassembles the fp32 masters. The file holds everything needed to apply the
+model to new data, with no run or shards folder: the weights, the model config, the gene
+vocabulary (per organism: its id range and gene names in id order), the label names of the 9
+classes, the context the model was trained with and the cell-graph settings of the shards. It is
+plain dicts, lists, strings, numbers and tensors, so ``torch.load(path, weights_only=True)``
+reads it and ``load_exported`` / ``load_model_file`` need no DeepSpeed, no process group and any
+number of devices.
 """
 
 from __future__ import annotations
@@ -13,17 +17,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from data_prep.graph import GraphConfig
+from data_prep.labels import LabelVocab
+from data_prep.organisms import Organism
+from data_prep.shard_format import CLASSES, load_manifest
+from data_prep.vocab import GeneVocab, OrganismRange
 from pretrain.model import ModelConfig, ScPrintModel
 from pretrain.train import CKPT_DIR
 
+FORMAT = "scpretrain-model"
+FORMAT_VERSION = 1
 
-def export(run: str | Path, out: str | Path, tag: str | None = None) -> Path:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+@dataclass
+class ExportedModel:
+    """A model file loaded for inference: the model (eval mode, fp32, CPU) and its vocabularies."""
+
+    path: Path
+    model: ScPrintModel
+    config: ModelConfig
+    vocab: GeneVocab  # the training gene vocabulary (global ids = the model's gene ids)
+    labels: dict[str, list[str]]  # class -> label names in id order (empty: class not trained)
+    train_context: int  # genes per cell the model was trained with
+    graph_config: GraphConfig  # how the shards' cell graphs (neighbours) were computed
+    tag: str  # the checkpoint it was exported from
+
+    @property
+    def genes(self) -> dict[str, OrganismRange]:
+        """Per organism curie: taxon/name (``.organism``), id range and ``.index`` (gene -> id)."""
+        return self.vocab.ranges
+
+
+def export(run: str | Path, out: str | Path, tag: str | None = None,
+           shards: str | Path | None = None) -> Path:
+    """Write the model file of ``run``'s checkpoint ``tag`` (default: the latest) to ``out``.
+
+    The vocabularies come from the run's shards (``train.shards`` of its config.json, or
+    ``shards`` when they moved) and must be the ones the run was trained with.
+    """
     run, out = Path(run), Path(out)
     config_path, ckpt_dir = run / "config.json", run / CKPT_DIR
     if not config_path.is_file():
@@ -36,14 +72,62 @@ def export(run: str | Path, out: str | Path, tag: str | None = None) -> Path:
     if not (ckpt_dir / tag).is_dir():
         raise FileNotFoundError(f"{ckpt_dir / tag}: no such checkpoint")
     resolved = json.loads(config_path.read_text())
+    shards = Path(shards if shards is not None else resolved["train"]["shards"])
+    try:
+        manifest = load_manifest(shards)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(f"{e} (the vocabularies of run {run} come from its shards; give "
+                                "their folder with --shards if they moved)") from None
+    vocab = GeneVocab.load(shards / Path(manifest["vocab"]["genes"]).parent)
+    labels = LabelVocab.load(shards / Path(manifest["labels"]["file"]).parent)
+    if vocab.n_ids != resolved["n_genes"] or labels.n_labels() != resolved["n_labels"]:
+        raise ValueError(
+            f"{shards}: its vocabularies ({vocab.n_ids} gene ids, labels {labels.n_labels()}) "
+            f"are not the ones run {run} was trained with ({resolved['n_genes']} gene ids, "
+            f"labels {resolved['n_labels']}); were the shards rebuilt after training?")
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return write_model_file(
+        out, state, ModelConfig(**resolved["model"]), vocab, labels, resolved["data"]["context"],
+        label_hierarchy=resolved.get("label_hierarchy"), tag=tag,
+        graph_config=GraphConfig(**manifest["config"]["graph"]))
+
+
+def write_model_file(
+    out: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    model_config: ModelConfig,
+    vocab: GeneVocab,
+    labels: LabelVocab,
+    train_context: int,
+    *,
+    label_hierarchy: dict | None = None,
+    tag: str = "",
+    graph_config: GraphConfig | None = None,
+) -> Path:
+    """Write a model file (atomically) from weights, config and the training vocabularies.
+
+    ``export`` uses it for a run's checkpoint; it also saves a model built in memory (e.g. an
+    untrained ``ScPrintModel(cfg, vocab.n_ids, labels.n_labels())``).
+    """
+    out = Path(out)
     payload = {
-        "state_dict": {k: v.float().contiguous() for k, v in state.items()},
-        "model_config": resolved["model"],
-        "n_genes": resolved["n_genes"],
-        "n_labels": resolved["n_labels"],
-        "label_hierarchy": resolved.get("label_hierarchy"),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.float().contiguous() for k, v in state_dict.items()},
+        "model_config": asdict(model_config),
+        "n_genes": vocab.n_ids,
+        "n_labels": labels.n_labels(),
+        "label_hierarchy": label_hierarchy,
         "tag": tag,
+        "train_context": int(train_context),
+        "graph_config": asdict(graph_config or GraphConfig()),
+        "genes": {curie: {"taxon": r.organism.taxon, "name": r.organism.name, "start": r.start,
+                          "size": r.size, "genes": list(r.genes)}
+                  for curie, r in vocab.ranges.items()},
+        "labels": {cls: labels.values(cls) for cls in CLASSES},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -54,11 +138,63 @@ def export(run: str | Path, out: str | Path, tag: str | None = None) -> Path:
 
 def load_exported(path: str | Path) -> ScPrintModel:
     """A plain ``ScPrintModel`` (eval mode, fp32, CPU) with the exported weights."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = ScPrintModel(ModelConfig(**payload["model_config"]), payload["n_genes"],
-                         payload["n_labels"], payload.get("label_hierarchy"))
-    model.load_state_dict(payload["state_dict"])
+    path = Path(path)
+    return _build_model(path, _read_payload(path))
+
+
+def load_model_file(path: str | Path) -> ExportedModel:
+    """The model and the vocabularies of a model file written by this module."""
+    path = Path(path)
+    payload = _read_payload(path)
+    if payload.get("format") != FORMAT or payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: exported without its vocabularies (format "
+                         f"{payload.get('format')!r} v{payload.get('format_version')}, expected "
+                         f"{FORMAT!r} v{FORMAT_VERSION}); export the run again")
+    labels = {cls: list(payload["labels"][cls]) for cls in CLASSES}
+    vocab = _gene_vocab(payload["genes"])
+    if vocab.n_ids != payload["n_genes"] or {c: len(v) for c, v in labels.items()} != dict(
+            payload["n_labels"]):
+        raise ValueError(f"{path}: the vocabularies do not match the model's sizes")
+    model = _build_model(path, payload)
+    return ExportedModel(
+        path=path, model=model, config=model.cfg, vocab=vocab, labels=labels,
+        train_context=int(payload["train_context"]),
+        graph_config=GraphConfig(**payload["graph_config"]), tag=payload["tag"])
+
+
+def _read_payload(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign file fails in torch.load with any of many exceptions
+        raise ValueError(f"{path}: not an exported model file (torch.load failed with "
+                         f"{type(e).__name__}; expected the output of pretrain.export)") from None
+    required = ("state_dict", "model_config", "n_genes", "n_labels")
+    if not isinstance(payload, dict) or any(k not in payload for k in required):
+        raise ValueError(f"{path}: not an exported model file (no {', '.join(required)})")
+    return payload
+
+
+def _build_model(path: Path, payload: dict) -> ScPrintModel:
+    try:
+        model = ScPrintModel(ModelConfig(**payload["model_config"]), payload["n_genes"],
+                             payload["n_labels"], payload.get("label_hierarchy"))
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot build the exported model ({e})") from None
     return model.eval()
+
+
+def _gene_vocab(genes: dict) -> GeneVocab:
+    """The ``GeneVocab`` of a model file's ``genes`` entry (ids exactly as in training)."""
+    vocab = GeneVocab()
+    for curie, o in sorted(genes.items(), key=lambda kv: kv[1]["start"]):
+        start, names = int(o["start"]), list(o["genes"])
+        vocab.ranges[curie] = OrganismRange(
+            Organism(int(o["taxon"]), curie, o["name"]), start, int(o["size"]), names,
+            {g: start + i for i, g in enumerate(names)})
+    return vocab
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,8 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", help="training run directory (holds config.json, checkpoints/)")
     parser.add_argument("--out", required=True, help="output file, e.g. model.pt")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    parser.add_argument("--shards", default=None,
+                        help="the run's build_shards output (default: train.shards of its "
+                             "config.json)")
     args = parser.parse_args(argv)
-    path = export(args.run, args.out, args.tag)
+    path = export(args.run, args.out, args.tag, args.shards)
     print(f"wrote {path}")
 
 

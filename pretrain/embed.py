@@ -1,0 +1,394 @@
+"""Apply an exported model to a new .h5ad: cell embeddings and predicted labels, in a copy.
+
+    python -m pretrain.embed MODEL IN.h5ad --out OUT.h5ad [--organism NAME|NCBITaxon:N]
+        [--batch-size N] [--device cpu|cuda] [--neighbours K] [--context N] [--seed S]
+
+The model must see a cell exactly as it saw cells in training, so the file goes through the code
+that built the training data: data_prep.ingest.open_counts reads and validates the counts
+(``X``, ``layers['counts']`` or ``raw.X``, same choice, same errors), data_prep.graph.neighbours
+(HVG -> PCA -> kNN over all the file's cells and genes) finds the neighbours,
+data_prep.pack.align_sample turns each cell into a ``CellSample`` and pretrain.data.BatchBuilder
+makes the batch, with every corruption and random shape switched off (``inference_config``).
+Where it differs from training:
+
+- no cell is dropped (QC is for training data); a cell with no counts gets an embedding too;
+- genes outside the model's vocabulary are dropped from the samples (the graph still uses them);
+- a cell expressing more genes than the context keeps a random subset keyed by (seed, cell), not
+  by its batch row as in the loader, so its embedding does not depend on batch size or order.
+
+Counts are streamed in chunks of cells to a temporary CSR on disk (``TMPDIR``), so memory holds
+one chunk plus the graph's normalised HVG matrix. The output is a byte copy of the input with
+``obsm['X_scpretrain']``, ``obs['predicted_<class>']`` / ``obs['predicted_<class>_score']`` and
+``uns['scpretrain']`` added; X, layers, raw and existing columns are untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata.io import write_elem
+from tqdm import tqdm
+
+from data_prep.graph import neighbours as find_neighbours
+from data_prep.graph import row_totals
+from data_prep.ingest import DatasetError, IngestConfig, open_counts
+from data_prep.organisms import Organism
+from data_prep.pack import GeneOrder, align_sample
+from data_prep.shard_format import CLASSES, MAX_NEIGHBOURS, UNKNOWN, CellSample, encode_sample
+from pretrain.data import BatchBuilder, DataConfig
+from pretrain.export import ExportedModel, load_model_file
+
+EMBEDDING_KEY = "X_scpretrain"
+UNS_KEY = "scpretrain"
+DEFAULT_NEIGHBOURS = 6
+
+
+def inference_config(context: int, neighbours: int, batch_size: int, seed: int = 0) -> DataConfig:
+    """Loader settings for inference: full context, ``neighbours`` neighbours, no corruption."""
+    _check_neighbours(neighbours)
+    if context < 1 or batch_size < 1:
+        raise ValueError(f"context and batch size must be >= 1, not {context} and {batch_size}")
+    return DataConfig(context=context, short_context_prob=0.0, short_context_min=context,
+                      max_neighbours=neighbours, n_neighbours=neighbours, mask_scale=0.0,
+                      full_pass_prob=0.0, views=1, batch_size=batch_size, seed=seed)
+
+
+class CellInput:
+    """One .h5ad's cells as the model sees them: validated counts, the file's genes matched to
+    the model's vocabulary, and each cell's neighbours among the file's cells."""
+
+    def __init__(self, path: Path, organism: Organism, counts_source: str, counts: sp.csr_matrix,
+                 total: np.ndarray, col2gid: np.ndarray, nbr_idx: np.ndarray,
+                 nbr_dist: np.ndarray, chunk_rows: int):
+        self.path, self.organism, self.counts_source = path, organism, counts_source
+        self.counts = counts  # float32 [n_cells, n_file_genes], all genes
+        self.total = total  # float32 [n_cells] library size over all genes
+        self.col2gid = col2gid  # int64 [n_file_genes]: global gene id, -1 = unknown to the model
+        self.nbr_idx, self.nbr_dist = nbr_idx, nbr_dist  # [n_cells, k]: -1 / inf = missing
+        known = col2gid >= 0
+        self.compact = np.full(col2gid.shape[0], -1, dtype=np.int64)  # file column -> known col
+        self.compact[known] = np.arange(int(known.sum()))
+        self.genes = GeneOrder(col2gid[known])
+        self.known_total = row_totals(counts, chunk_rows, known)  # per cell counts on known genes
+
+    @property
+    def n_cells(self) -> int:
+        return self.counts.shape[0]
+
+    def summary(self) -> dict:
+        """How well the file's genes match the model's vocabulary (for ``uns['scpretrain']``)."""
+        n_genes, n_known = self.col2gid.shape[0], int((self.col2gid >= 0).sum())
+        total = float(self.total.sum(dtype=np.float64))
+        return {
+            "organism": self.organism.curie,
+            "organism_name": self.organism.name,
+            "counts_source": self.counts_source,
+            "n_cells": self.n_cells,
+            "n_genes": n_genes,
+            "n_genes_known": n_known,
+            "share_genes_known": n_known / n_genes,
+            "share_counts_known": float(self.known_total.sum()) / total if total > 0 else 0.0,
+            "n_cells_no_known_gene": int((self.known_total == 0).sum()),
+            "neighbours": int(self.nbr_idx.shape[1]),
+        }
+
+    def sample(self, row: int, context: int, seed: int) -> CellSample:
+        """Cell ``row`` as a training sample (labels unknown): its known expressed genes padded
+        with genes only its neighbours express, up to ``context``; a cell expressing more than
+        ``context`` genes keeps a random subset of them, drawn from (``seed``, ``row``)."""
+        nbr = self.nbr_idx[row]
+        keep = (nbr >= 0) & (nbr != row)
+        own_cols, own_vals = self._known_row(row)
+        others = [self._known_row(int(j)) for j in nbr[keep]]
+        gene_ids, counts, nbr_counts = align_sample(
+            own_cols, own_vals, [c for c, _ in others], [v for _, v in others], self.genes,
+            context, metacell=False)
+        if counts.shape[0] > context:  # then there are no padding genes
+            take = np.sort(np.random.default_rng([seed, row]).choice(counts.shape[0], context,
+                                                                     replace=False))
+            gene_ids, counts, nbr_counts = gene_ids[take], counts[take], nbr_counts[:, take]
+        return CellSample(
+            gene_ids=gene_ids, counts=counts, nbr_counts=nbr_counts,
+            nbr_dist=self.nbr_dist[row][keep].astype(np.float32),
+            nbr_cells=nbr[keep].astype(np.uint32),
+            labels=np.full(len(CLASSES), UNKNOWN, dtype=np.int32), dataset=0, cell=row,
+            organism=self.organism.taxon, group=0,
+            nnz=int(self.counts.indptr[row + 1] - self.counts.indptr[row]), pseudo_label=UNKNOWN,
+            total_count=float(self.total[row]), weight=1.0)
+
+    def batches(self, cfg: DataConfig) -> Iterator[tuple[np.ndarray, dict]]:
+        """(rows, model batch) over all cells in order, ``cfg.batch_size`` at a time. Batch
+        ``b``'s loader randomness (none under ``inference_config``) is keyed by (seed, b)."""
+        build = BatchBuilder(cfg)
+        for b, start in enumerate(range(0, self.n_cells, cfg.batch_size)):
+            rows = np.arange(start, min(self.n_cells, start + cfg.batch_size))
+            encoded = [np.frombuffer(encode_sample(self.sample(int(r), cfg.context, cfg.seed)),
+                                     dtype=np.uint32) for r in rows]
+            offsets = np.cumsum([0] + [e.shape[0] for e in encoded[:-1]])
+            words = np.concatenate(encoded)
+            items = [(int(r), words, int(o)) for r, o in zip(rows, offsets)]
+            yield rows, build(items, np.random.default_rng([cfg.seed, b]))
+
+    def _known_row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """A cell's columns among the known genes (GeneOrder's numbering) and their counts."""
+        a, b = int(self.counts.indptr[row]), int(self.counts.indptr[row + 1])
+        cols = self.compact[self.counts.indices[a:b]]
+        known = cols >= 0
+        return cols[known], self.counts.data[a:b][known]
+
+
+@contextmanager
+def open_cells(exported: ExportedModel, adata_path: str | Path, organism: str | None = None,
+               neighbours: int = DEFAULT_NEIGHBOURS, seed: int = 0,
+               progress: bool = False) -> Iterator[CellInput]:
+    """Read, validate and match an .h5ad for ``exported`` and build its neighbour graph; the
+    counts live in a temporary folder for as long as the context is open."""
+    _check_neighbours(neighbours)
+    path = Path(adata_path)
+    cfg = IngestConfig(min_genes=0)  # every cell gets an output row
+    with tempfile.TemporaryDirectory(prefix="scpretrain-embed-") as tmp_name:
+        tmp = Path(tmp_name)
+        with open_counts(path, cfg, organism=organism,
+                         organism_hint="pass --organism") as counts_file:
+            col2gid = _match_genes(path, exported, counts_file.organism, counts_file.genes)
+            with tqdm(total=counts_file.shape[0], desc="read counts", unit="cell",
+                      disable=not progress) as bar:
+                counts_file.stream(tmp, bar.update)
+        # plain ndarray views of the maps: np.memmap's slicing costs ~10 us a row
+        arrays = {k: np.asarray(np.load(tmp / f"{k}.npy", mmap_mode="r"))
+                  for k in ("indptr", "indices", "data", "total")}
+        counts = sp.csr_matrix(counts_file.shape, dtype=np.float32)
+        # the memory-mapped buffers as they are: the constructor would copy or upcast them
+        counts.data, counts.indices, counts.indptr = (arrays["data"], arrays["indices"],
+                                                      arrays["indptr"])
+        graph = exported.graph_config
+        nb = find_neighbours(counts, neighbours, graph, seed)
+        yield CellInput(path, counts_file.organism, counts_file.source, counts, arrays["total"],
+                        col2gid, nb.idx, nb.dist, graph.chunk_rows)
+
+
+def _match_genes(path: Path, exported: ExportedModel, organism: Organism,
+                 genes: list[str]) -> np.ndarray:
+    """Global id of each gene name in the organism's vocabulary range, -1 where unknown."""
+    r = exported.genes.get(organism.curie)
+    if r is None:
+        have = ", ".join(f"{c} ({x.organism.name})" for c, x in exported.genes.items())
+        raise DatasetError(path, f"organism {organism.curie} ({organism.name}): the model "
+                                 f"{exported.path.name} has no genes of it (it knows {have})")
+    col2gid = np.fromiter((r.index.get(g, -1) for g in genes), dtype=np.int64, count=len(genes))
+    if not (col2gid >= 0).any():
+        raise DatasetError(path, f"none of its {len(genes)} genes (e.g. {genes[:3]}) is in the "
+                                 f"model's {organism.name} vocabulary (e.g. {r.genes[:3]})")
+    return col2gid
+
+
+def iter_batches(
+    model_file: ExportedModel | str | Path,
+    adata_path: str | Path,
+    *,
+    organism: str | None = None,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    batch_size: int = 64,
+    context: int | None = None,
+    seed: int = 0,
+    data_config: DataConfig | None = None,
+) -> Iterator[tuple[np.ndarray, dict]]:
+    """(obs rows, model batch) for every cell of ``adata_path``, in order, for a caller that runs
+    the model itself. ``data_config`` replaces ``inference_config(context, neighbours,
+    batch_size, seed)``, e.g. with ``mask_scale > 0`` to corrupt the inputs for a denoising
+    score (its context, batch size and seed are then the ones used)."""
+    exported = _exported(model_file)
+    if data_config is None:
+        data_config = inference_config(
+            exported.train_context if context is None else context, neighbours, batch_size, seed)
+    with open_cells(exported, adata_path, organism, neighbours, data_config.seed) as cells:
+        yield from cells.batches(data_config)
+
+
+@dataclass
+class Annotations:
+    """What embedding adds to an AnnData, by slot."""
+
+    obs: dict[str, pd.Categorical | np.ndarray]
+    obsm: dict[str, np.ndarray]
+    uns: dict[str, dict]
+
+
+def embed_cells(
+    model_file: ExportedModel | str | Path,
+    adata_path: str | Path,
+    *,
+    organism: str | None = None,
+    neighbours: int = DEFAULT_NEIGHBOURS,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    context: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Annotations:
+    """The cell embeddings, predicted labels and summary of every cell of ``adata_path``.
+
+    ``context`` defaults to the model's training context. The model is moved to ``device``.
+    """
+    exported = _exported(model_file)
+    context = exported.train_context if context is None else context
+    cfg = inference_config(context, neighbours, batch_size, seed)
+    device = _device(device)
+    model = exported.model.to(device).eval()
+    with open_cells(exported, adata_path, organism, neighbours, seed, progress) as cells:
+        n = cells.n_cells
+        emb = np.empty((n, exported.config.d_model), dtype=np.float32)
+        codes = {c: np.empty(n, dtype=np.int64) for c in model.class_index}
+        scores = {c: np.empty(n, dtype=np.float32) for c in model.class_index}
+        with tqdm(total=n, desc="embed", unit="cell", disable=not progress) as bar:
+            for rows, batch in cells.batches(cfg):
+                out = model.predict({k: v.to(device) for k, v in batch.items()})
+                emb[rows] = out["cell_emb"].cpu().numpy()
+                for c, probs in out["class_probs"].items():
+                    score, code = probs.max(dim=1)
+                    codes[c][rows] = code.cpu().numpy()
+                    scores[c][rows] = score.clamp(0.0, 1.0).cpu().numpy()
+                bar.update(rows.shape[0])
+        summary = {"model": exported.path.name, "model_tag": exported.tag, **cells.summary(),
+                   "context": context, "seed": seed}
+    obs: dict[str, pd.Categorical | np.ndarray] = {}
+    for c in model.class_index:
+        obs[f"predicted_{c}"] = pd.Categorical.from_codes(
+            codes[c], categories=exported.labels[c]).remove_unused_categories()
+        obs[f"predicted_{c}_score"] = scores[c]
+    return Annotations(obs=obs, obsm={EMBEDDING_KEY: emb}, uns={UNS_KEY: summary})
+
+
+def embed_anndata(
+    model_file: ExportedModel | str | Path,
+    adata_path: str | Path,
+    out_path: str | Path | None = None,
+    **options,
+) -> anndata.AnnData:
+    """``embed_cells`` (same keyword ``options``) applied to a copy of ``adata_path``.
+
+    With ``out_path`` the copy is written there and returned opened backed (X stays on disk);
+    without, the input is read into memory and returned annotated. The input is never changed.
+    """
+    if out_path is not None:
+        _check_output(adata_path, out_path)
+    ann = embed_cells(model_file, adata_path, **options)
+    if out_path is not None:
+        write_annotated_copy(adata_path, out_path, ann)
+        return anndata.read_h5ad(out_path, backed="r")
+    adata = anndata.read_h5ad(adata_path)
+    for key, values in ann.obs.items():
+        adata.obs[key] = values
+    adata.obsm.update(ann.obsm)
+    adata.uns.update(ann.uns)
+    return adata
+
+
+def write_annotated_copy(src: str | Path, out: str | Path, ann: Annotations) -> Path:
+    """Copy ``src`` to ``out`` byte for byte and add ``ann``'s entries there (atomically)."""
+    src, out = Path(src), Path(out)
+    _check_output(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            for slot in ("obsm", "uns"):
+                if slot not in f:
+                    write_elem(f, slot, {})
+                for key, value in getattr(ann, slot).items():
+                    _write_entry(f[slot], key, value)
+            if ann.obs:
+                obs = f["obs"]
+                order = [str(c) for c in obs.attrs.get("column-order", []) if c not in ann.obs]
+                for key, value in ann.obs.items():
+                    _write_entry(obs, key, value)
+                obs.attrs["column-order"] = order + list(ann.obs)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _write_entry(group: h5py.Group, key: str, value) -> None:
+    if key in group:
+        del group[key]
+    write_elem(group, key, value)
+
+
+def _check_output(src: str | Path, out: str | Path) -> None:
+    if Path(out).resolve() == Path(src).resolve():
+        raise ValueError(f"{out}: the output must be another file than the input")
+
+
+def _check_neighbours(neighbours: int) -> None:
+    if not 0 <= neighbours <= MAX_NEIGHBOURS:
+        raise ValueError(f"neighbours must be in 0..{MAX_NEIGHBOURS}, not {neighbours}")
+
+
+def _exported(model_file: ExportedModel | str | Path) -> ExportedModel:
+    return model_file if isinstance(model_file, ExportedModel) else load_model_file(model_file)
+
+
+def _device(name: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.embed",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="model file written by python -m pretrain.export")
+    parser.add_argument("input", help=".h5ad file with raw counts (X, layers['counts'] or raw.X)")
+    parser.add_argument("--out", required=True, help="output .h5ad (a copy with the results)")
+    parser.add_argument("--organism", default=None,
+                        help="organism name or NCBITaxon:N (default: from the file's obs/uns)")
+    parser.add_argument("--batch-size", type=int, default=64, help="cells per forward pass")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
+                        help=f"neighbours per cell, 0..{MAX_NEIGHBOURS} (default: "
+                             f"{DEFAULT_NEIGHBOURS})")
+    parser.add_argument("--context", type=int, default=None,
+                        help="genes per cell (default: the model's training context)")
+    parser.add_argument("--seed", type=int, default=0, help="PCA/kNN and gene-choice seed")
+    args = parser.parse_args(argv)
+    try:
+        _check_output(args.input, args.out)
+        ann = embed_cells(args.model, args.input, organism=args.organism,
+                          neighbours=args.neighbours, batch_size=args.batch_size,
+                          device=args.device, context=args.context, seed=args.seed,
+                          progress=True)
+        write_annotated_copy(args.input, args.out, ann)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    s = ann.uns[UNS_KEY]
+    print(f"{args.input}: {s['n_genes_known']} of {s['n_genes']} genes "
+          f"({s['share_genes_known']:.1%}) are in the model's {s['organism_name']} vocabulary, "
+          f"holding {s['share_counts_known']:.1%} of the counts; "
+          f"{s['n_cells_no_known_gene']} of {s['n_cells']} cells have no known expressed gene")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

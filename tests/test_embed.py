@@ -1,0 +1,217 @@
+"""The exported model file and ``pretrain.embed`` on a 300-cell slice of a real PBMC file.
+
+The model is untrained (tiny preset, PyTorch kernels): these tests check the plumbing (the file
+is self-contained, the output is a faithful copy with the results added, embeddings are
+deterministic and independent of the batch size, bad inputs fail naming the file), not the
+quality of the embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from data_prep.labels import LabelVocab
+from data_prep.vocab import GeneVocab
+from pretrain.data import DataConfig
+from pretrain.embed import EMBEDDING_KEY, UNS_KEY, embed_anndata, embed_cells, iter_batches, main
+from pretrain.export import export, load_exported, load_model_file, write_model_file
+from pretrain.model import ModelConfig, ScPrintModel
+
+SOURCE = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
+N_CELLS = 300
+N_GENES = 14053
+N_UNKNOWN = 25  # genes renamed in the slice, so the model does not know them
+EMPTY_CELL = 5  # a cell whose counts are all zeroed
+CONTEXT = 128  # below every cell's expressed genes: the per-cell gene choice is exercised
+TRAINED = ("cell_type", "sex", "organism")  # classes with labels in the model file
+
+
+@pytest.fixture(scope="module")
+def pbmc(demo_data):
+    return anndata.read_h5ad(demo_data / SOURCE)
+
+
+@pytest.fixture(scope="module")
+def model_file(pbmc, tmp_path_factory):
+    """An untrained tiny model over the full file's genes, saved as a model file."""
+    vocab = GeneVocab()
+    vocab.add("NCBITaxon:9606", list(pbmc.var_names))
+    labels = LabelVocab()
+    labels.add("cell_type", sorted(pbmc.obs["cell_type"].astype(str).unique()))
+    labels.add("sex", ["female", "male"])
+    labels.add("organism", ["NCBITaxon:9606"])
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", kernels="reference")
+    model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels()).eval()
+    path = write_model_file(tmp_path_factory.mktemp("model") / "model.pt", model.state_dict(),
+                            cfg, vocab, labels, CONTEXT)
+    return path, model, vocab, labels
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc, tmp_path_factory) -> Path:
+    """The first 300 cells; the most-counted genes renamed to unknown names, one cell emptied."""
+    adata = pbmc[:N_CELLS].copy()
+    keep = np.ones(N_CELLS, dtype=np.float32)
+    keep[EMPTY_CELL] = 0
+    adata.X = sp.csr_matrix(sp.diags(keep) @ adata.X)
+    adata.X.eliminate_zeros()
+    top = np.argsort(-np.asarray(adata.X.sum(axis=0)).ravel())[:N_UNKNOWN]
+    names = adata.var_names.to_numpy().copy()
+    names[top] = [f"UNKNOWN-{i}" for i in range(N_UNKNOWN)]
+    adata.var_names = names
+    path = tmp_path_factory.mktemp("cells") / "pbmc300.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_model_file_is_self_contained(model_file, cells):
+    """Plain types only; the vocabularies come back in id order and the reloaded model gives
+    the same outputs as the one in memory."""
+    path, model, vocab, labels = model_file
+    payload = torch.load(path, weights_only=True)
+    human = payload["genes"]["NCBITaxon:9606"]
+    assert human["genes"] == vocab.ranges["NCBITaxon:9606"].genes
+    assert (human["start"], human["taxon"], human["name"]) == (1, 9606, "human")
+    assert payload["labels"]["cell_type"] == labels.values("cell_type")
+    assert payload["train_context"] == CONTEXT
+    exported = load_model_file(path)
+    assert exported.train_context == CONTEXT
+    assert exported.labels["sex"] == ["female", "male"] and exported.labels["tissue"] == []
+    gene = vocab.ranges["NCBITaxon:9606"].genes[100]
+    assert exported.genes["NCBITaxon:9606"].index[gene] == vocab.lookup(9606, [gene])[0]
+    rows, batch = next(iter_batches(exported, cells, batch_size=16))
+    assert rows.tolist() == list(range(16))
+    assert (batch["labels"] == -1).all() and not batch["zeroed"].any()
+    assert torch.equal(batch["input_counts"], batch["counts"])  # no corruption
+    expected = model.predict(batch)
+    for reloaded in (exported.model, load_exported(path)):
+        got = reloaded.predict(batch)
+        assert torch.equal(got["cell_emb"], expected["cell_emb"])
+        for c in TRAINED:
+            assert torch.equal(got["class_probs"][c], expected["class_probs"][c])
+
+
+def test_cli_writes_an_annotated_copy(repo_root, model_file, cells, tmp_path):
+    out = tmp_path / "out.h5ad"
+    before = _sha256(cells)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.embed", str(model_file[0]), str(cells), "--out",
+         str(out)], cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{N_GENES - N_UNKNOWN} of {N_GENES} genes" in proc.stdout
+    assert _sha256(cells) == before
+    given, result = anndata.read_h5ad(cells), anndata.read_h5ad(out)
+    assert (given.X != result.X).nnz == 0
+    pd.testing.assert_frame_equal(result.obs[list(given.obs.columns)], given.obs)
+    pd.testing.assert_frame_equal(result.var, given.var)
+    emb = result.obsm[EMBEDDING_KEY]
+    assert emb.shape == (N_CELLS, 64) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    vocab_labels = model_file[3]
+    for c in TRAINED:
+        predicted = result.obs[f"predicted_{c}"]
+        assert isinstance(predicted.dtype, pd.CategoricalDtype) and predicted.notna().all()
+        assert set(predicted.cat.categories) <= set(vocab_labels.values(c))
+        score = result.obs[f"predicted_{c}_score"].to_numpy()
+        assert ((score >= 0) & (score <= 1)).all()
+    assert not any(f"predicted_{c}" in result.obs for c in ("tissue", "disease"))
+    summary = result.uns[UNS_KEY]
+    assert summary["n_genes"] == N_GENES and summary["n_genes_known"] == N_GENES - N_UNKNOWN
+    unknown = given[:, [n.startswith("UNKNOWN-") for n in given.var_names]].X.sum()
+    assert summary["share_counts_known"] == pytest.approx(1 - unknown / given.X.sum(), rel=1e-5)
+    assert summary["n_cells_no_known_gene"] == 1
+    assert (summary["n_cells"], summary["neighbours"], summary["context"]) == (N_CELLS, 6, CONTEXT)
+    assert summary["model"] == "model.pt" and summary["organism"] == "NCBITaxon:9606"
+
+
+def test_embedding_is_deterministic_and_independent_of_batch_size(model_file, cells):
+    exported = load_model_file(model_file[0])
+    first = embed_cells(exported, cells, batch_size=64)
+    again = embed_cells(exported, cells, batch_size=64)
+    small = embed_cells(exported, cells, batch_size=7)
+    emb = first.obsm[EMBEDDING_KEY]
+    assert np.array_equal(again.obsm[EMBEDDING_KEY], emb)
+    np.testing.assert_allclose(small.obsm[EMBEDDING_KEY], emb, rtol=0, atol=1e-5)
+    for c in TRAINED:
+        np.testing.assert_allclose(small.obs[f"predicted_{c}_score"],
+                                   first.obs[f"predicted_{c}_score"], rtol=0, atol=1e-5)
+
+
+def test_no_neighbours_and_corrupted_batches(model_file, cells):
+    adata = embed_anndata(model_file[0], cells, neighbours=0, batch_size=100)
+    assert adata.obsm[EMBEDDING_KEY].shape == (N_CELLS, 64)
+    assert np.isfinite(adata.obsm[EMBEDDING_KEY]).all()
+    assert adata.uns[UNS_KEY]["neighbours"] == 0
+    _, batch = next(iter_batches(model_file[0], cells, neighbours=0, batch_size=8))
+    assert not batch["nbr_mask"].any()
+    # A benchmark passes its own loader settings, e.g. the training corruption.
+    noisy = DataConfig(context=CONTEXT, short_context_min=CONTEXT, batch_size=8, n_neighbours=6)
+    _, batch = next(iter_batches(model_file[0], cells, data_config=noisy))
+    assert batch["nbr_mask"].all() and batch["gene_mask"].all()
+    assert (batch["input_counts"] <= batch["counts"]).all()
+    assert not torch.equal(batch["input_counts"], batch["counts"])
+
+
+def test_cli_rejects_bad_inputs_naming_the_file(model_file, cells, tmp_path, capsys):
+    text = tmp_path / "notes.h5ad"
+    text.write_text("not an AnnData file\n")
+    negative = tmp_path / "negative.h5ad"
+    x = np.ones((3, 4), dtype=np.float32)
+    x[1, 2] = -1
+    bad = anndata.AnnData(sp.csr_matrix(x), obs=pd.DataFrame(index=["a", "b", "c"]),
+                          var=pd.DataFrame(index=["CD3D", "CD3E", "MS4A1", "LYZ"]))
+    bad.uns["organism"] = "human"
+    bad.write_h5ad(negative)
+    model = str(model_file[0])
+    cases = [
+        ([model, str(text)], [str(text), "not HDF5"]),
+        ([model, str(negative)], [str(negative), "negative values in X"]),
+        ([model, str(cells), "--organism", "mouse"], [str(cells), "NCBITaxon:10090", "model.pt"]),
+        ([model, str(cells), "--organism", "martian"], [str(cells), "unknown organism"]),
+        ([model, str(cells), "--neighbours", "9"], ["neighbours must be in 0..6"]),
+        ([str(cells), str(cells)], [str(cells), "not an exported model file"]),
+        ([str(text), str(cells)], [str(text), "not an exported model file"]),
+    ]
+    out = tmp_path / "out.h5ad"
+    for argv, words in cases:
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (argv, err)
+        assert not out.exists()
+    assert main([model, str(cells), "--out", str(cells)]) == 2
+    assert "the output must be another file" in capsys.readouterr().err
+
+
+def test_export_and_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export(tmp_path, tmp_path / "model.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"train": {"shards": str(tmp_path)}}))
+    with pytest.raises(FileNotFoundError, match="latest.*no checkpoint"):
+        export(tmp_path, tmp_path / "model.pt")
+    (tmp_path / "checkpoints" / "step1").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="manifest.json.*--shards"):
+        export(tmp_path, tmp_path / "model.pt", tag="step1")
+    other = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match=f"{other}: not an exported model file"):
+        load_model_file(other)
+    with pytest.raises(FileNotFoundError, match="no such model file"):
+        load_exported(tmp_path / "missing.pt")
