@@ -311,6 +311,10 @@ class ScPrintModel(nn.Module):
         self.decoder = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 3))
         self.class_index = {c: i for i, c in enumerate(CLASSES) if n_labels.get(c, 0) > 0}
         self.heads = nn.ModuleDict({c: nn.Linear(d, n_labels[c]) for c in self.class_index})
+        # InfoNCE compares projections of the general cell token, not the token itself (as in
+        # SimCLR): instance discrimination pushes apart cells of the same type, and behind a
+        # projection that push stays out of the embedding users get.
+        self.contrastive_projection = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         # Bool [n, n] leaves-under-parent matrices, only for classes that have a hierarchy.
         self.hierarchy = sorted(label_hierarchy or {})
         for c in self.hierarchy:
@@ -429,7 +433,8 @@ class ScPrintModel(nn.Module):
             losses["classification"] = torch.stack(class_losses).sum() / has.sum().clamp(min=1)
 
         if n_views == 2:
-            losses["contrastive"] = info_nce(cells[:b, 0], cells[b:, 0], self.cfg.temperature)
+            z = self.contrastive_projection(cells[:, 0])
+            losses["contrastive"] = info_nce(z[:b], z[b:], self.cfg.temperature)
         weights = {"zinb": self.cfg.w_zinb, "mse": self.cfg.w_mse,
                    "classification": self.cfg.w_classification,
                    "contrastive": self.cfg.w_contrastive}
@@ -467,7 +472,7 @@ class ScPrintModel(nn.Module):
         genes; ``training`` counts forward + backward as 3x forward. Norms, softmaxes and other
         elementwise work are left out. The DeepSet neighbour branch is counted in its fused form
         (its output Linear applied once to the sum over neighbours). A two-view batch costs two
-        cell-views per cell."""
+        cell-views per cell (plus the contrastive projection, 4 d^2 per cell-view, left out)."""
         cfg, n = self.cfg, context
         d, s, m, t = cfg.d_model, cfg.latent_dim, cfg.n_latents, N_CELL_TOKENS
         r = cfg.mlp_ratio

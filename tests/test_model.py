@@ -279,3 +279,17 @@ def test_reference_form_still_trains_a_step():
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert model.gene_embedding.table.weight.grad.abs().sum() > 0
+
+
+def test_contrastive_term_compares_projections_not_the_embedding():
+    """InfoNCE trains a projection of the general cell token; the embedding users get is the
+    token itself (SimCLR's arrangement: the push apart of same-type cells stays behind it)."""
+    model = tiny()
+    batch = make_batch(views=2)
+    out = model(batch)
+    out["losses"]["contrastive"].backward()
+    projection = model.contrastive_projection
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projection.parameters())
+    model.eval()
+    torch.testing.assert_close(model(batch)["cell_emb"], model.predict(batch)["cell_emb"])
+    assert model.predict(batch)["cell_emb"].shape[1] == model.cfg.d_model
