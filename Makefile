@@ -15,15 +15,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job end to end on the embedded real datasets: shards (with a held-out split), then
-# a short `tiny` training run on one CPU process (DeepSpeed ZeRO-2, gloo).
+# The main job end to end on the embedded real datasets: shards from the PBMC control cells and
+# the other demo datasets, a short `tiny` training run on one CPU process (DeepSpeed ZeRO-2,
+# gloo), export, then the stimulated PBMC cells (never trained on) embedded and scored against
+# baselines (benchmarks/bench_quality.py; its full-size run is in docs/benchmarks/quality.md).
 demo: $(VENV)/.installed
-	$(PY) -m data_prep.build_shards data --sheet data/demo_sheet.csv --out $(DEMO_OUT)/shards \
-		--jobs 2 --eval-fraction 0.05
-	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 1 \
-		pretrain/train.py --deepspeed_config ds_configs/zero2.json --shards $(DEMO_OUT)/shards \
-		--out $(DEMO_OUT)/run --model tiny --max-steps 100 --context 512 --batch-size 8 \
-		--lr 1e-3 --warmup-steps 10 --eval-every 50 --ckpt-every 50
+	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) benchmarks/bench_quality.py --out $(DEMO_OUT) \
+		--train-sheet data/demo_sheet.csv --ranks 1 --steps 200 --context 512 --batch-size 16
 	@echo "shard report: $(DEMO_OUT)/shards/report/summary.txt (plots beside it)"
 	@echo "training run: $(DEMO_OUT)/run (tensorboard --logdir $(DEMO_OUT)/run/tb)"
 

@@ -84,13 +84,18 @@ def classification_direct(logits, labels, parents):
     return sum(per_cell) / len(per_cell)
 
 
-def test_classification_loss_matches_direct_formula_with_unknowns_and_parents():
+def hierarchy_case():
+    """7 labels, two parents (5 over 0-2, 6 over 3-4), 9 cells of leaf, parent and unknown
+    labels: (parents, children matrix, float64 logits, labels)."""
     torch.manual_seed(0)
-    n = 7
     parents = {5: [0, 1, 2], 6: [3, 4]}
-    children = hierarchy_children({str(k): v for k, v in parents.items()}, n)
-    logits = torch.randn(9, n, dtype=torch.float64) * 3
-    labels = torch.tensor([0, 3, -1, 5, 6, 2, -1, 4, 5])
+    children = hierarchy_children({str(k): v for k, v in parents.items()}, 7)
+    logits = torch.randn(9, 7, dtype=torch.float64) * 3
+    return parents, children, logits, torch.tensor([0, 3, -1, 5, 6, 2, -1, 4, 5])
+
+
+def test_classification_loss_matches_direct_formula_with_unknowns_and_parents():
+    parents, children, logits, labels = hierarchy_case()
     got = classification_loss(logits, labels, children)
     assert got.item() == pytest.approx(classification_direct(logits, labels, parents), rel=1e-6)
     flat = classification_loss(logits, labels.clamp(max=4))
@@ -132,12 +137,9 @@ def softmax_direct(logits, labels, parents):
 
 
 def test_softmax_classification_loss_matches_direct_formula_and_masks_unknowns():
-    torch.manual_seed(0)
-    n = 7
-    parents = {5: [0, 1, 2], 6: [3, 4]}
-    children = hierarchy_children({str(k): v for k, v in parents.items()}, n)
-    logits = (torch.randn(9, n, dtype=torch.float64) * 3).requires_grad_()
-    labels = torch.tensor([0, 3, -1, 5, 6, 2, -1, 4, 5])
+    parents, children, logits, labels = hierarchy_case()
+    logits.requires_grad_()
+    n = logits.shape[1]
     got = softmax_classification_loss(logits, labels, children)
     assert got.item() == pytest.approx(softmax_direct(logits, labels, parents), rel=1e-6)
     flat = softmax_classification_loss(logits, labels.clamp(max=4))
