@@ -344,9 +344,10 @@ class ScPrintModel(nn.Module):
         """Gene states after the trunk ([B, L, d], final-normed) and cell tokens ([B, 10, d]).
 
         Why the gene token normalises its parts: summed raw, the DeepSet output (whose neighbour
-        branch sees raw PCA distances of ~10 next to log counts of ~1, so it is nearly the same
-        vector at every gene of a cell) grew within 50 steps to outweigh the gene embeddings,
-        and the model fitted a per-cell nuisance instead of which genes a cell expresses.
+        branch sees raw PCA distances of ~10 next to log counts of ~1) is ~6x the gene
+        embedding from the first step, over 90% of it the same vector at every gene of a cell,
+        and it grows; the model fitted that per-cell nuisance instead of which genes a cell
+        expresses (benchmarks/bench_learning.py prints both sizes).
         Why the cell tokens start from the pooled genes: at initialisation their cross-attention
         is a mean over ~1,000 genes added to a token shared by all cells, so the heads saw
         nearly the same vector for every cell and learned the class frequencies only.
