@@ -244,6 +244,7 @@ def gene_shares(model, h5ad: Path) -> dict[int, float]:
     return dict(zip(ids[known].tolist(), share.tolist()))
 
 
+NOTES = "## Notes"
 READING = """## How to read it
 
 - (a): the model, the probes and the baselines see only the CTRL cells' labels; every row is
@@ -407,6 +408,9 @@ def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
             f"ranks, batch {args.batch_size} per rank, context {args.context}, in "
             f"{seconds:.0f} s; everything else from the preset's recipe.\n\n{table}\n\n"
             f"![t-SNE of the STIM cells' embedding]({picture.name})\n\n{READING}")
+    old = doc.read_text() if doc.is_file() else ""
+    if NOTES in old:  # a hand-written interpretation of earlier runs survives a rerun
+        text += "\n" + old[old.index(NOTES):]
     doc.write_text(text)
     print(f"wrote {doc} and {picture}")
 

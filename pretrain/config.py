@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 # Optimisation recipe of each model preset: what a flag left unset takes. small/medium/large are
 # scPRINT-2's published settings (per-GPU batch, peak lr, warmup, clipping; medium's clipping is
-# not published: it takes large's); tiny is sized for CPU ranks and was tuned by measurement
-# (docs/benchmarks/quality.md): with 2 ranks x 16 cells it needs a 20x larger lr than small.
+# not published: it takes large's); tiny is sized for CPU ranks: at 32 cells a step its peak lr
+# of 2e-3 beat 1e-3 (docs/benchmarks/learning.md), and docs/benchmarks/quality.md shows what
+# 600 steps of it give on cells it never saw.
 RECIPES = {
     "tiny": dict(batch_size=16, lr=2e-3, warmup_steps=50, grad_clip=40.0),
     "small": dict(batch_size=30, lr=1e-4, warmup_steps=500, grad_clip=40.0),

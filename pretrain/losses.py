@@ -116,7 +116,7 @@ def softmax_classification_loss(
     probability of its leaves together, ``-log sum_{leaf under it} softmax(leaf logits)``.
     Parent columns never enter the softmax. Why not the reference's per-label BCE: averaged over
     n labels, the positive label's gradient is 1/n of the loss (a 13-type class gave the heads
-    almost nothing to learn from; docs/benchmarks/quality.md), while the softmax puts the whole
+    almost nothing to learn from; docs/benchmarks/learning.md), while the softmax puts the whole
     gradient on telling the right label from the others.
     """
     logits = logits.float()

@@ -68,7 +68,7 @@ class ModelConfig:
     # Scale of the ZINB mean: "context" = the cell's total count over its context genes (the
     # softmax covers exactly those genes), "library" = the full profile's library size.
     mean_scale: str = "context"
-    # How cell identity reaches the heads (docs/benchmarks/quality.md measures each switch):
+    # How cell identity reaches the heads (docs/benchmarks/learning.md measures each switch):
     # token_norm: the gene token is LN(gene embedding) + LN(expression) + LN(neighbours), so no
     # component can swamp the others; neighbour_scale_init: the initial gain of the neighbour
     # component's norm (0: it starts switched off and grows only as far as it helps);
