@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.py
 # baselines (benchmarks/bench_quality.py; its full-size run is in docs/benchmarks/quality.md).
 demo: $(VENV)/.installed
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) benchmarks/bench_quality.py --out $(DEMO_OUT) \
-		--train-sheet data/demo_sheet.csv --ranks 1 --steps 200 --context 512 --batch-size 16
+		--train-sheet data/demo_sheet.csv --ranks 1 --steps 300 --context 512 --batch-size 16
 	@echo "shard report: $(DEMO_OUT)/shards/report/summary.txt (plots beside it)"
 	@echo "training run: $(DEMO_OUT)/run (tensorboard --logdir $(DEMO_OUT)/run/tb)"
 
