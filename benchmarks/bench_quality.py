@@ -83,13 +83,14 @@ def log_normalised(x) -> np.ndarray:
     return np.log1p(x / np.maximum(total, 1) * 1e4)
 
 
-def read_counts(path: Path, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_counts(path: Path, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Log-normalised counts (dense) and the labels of ``label`` of one file."""
     import anndata as ad
 
     a = ad.read_h5ad(path)
     if label not in a.obs:
         raise SystemExit(f"{path}: no obs column {label!r}")
-    return log_normalised(a.X), a.obs[label].astype(str).to_numpy(), list(map(str, a.var_names))
+    return log_normalised(a.X), a.obs[label].astype(str).to_numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,31 +194,34 @@ def majority_predict(train_y, n: int) -> np.ndarray:
     return np.full(n, values[counts.argmax()])
 
 
-def denoising(model, h5ad: Path, gene_share: dict[int, float], seed: int) -> dict[str, float]:
-    """Pearson of log2(1 + x) at the dropped counts: the model vs the library-size mean and the
-    neighbour average, all scaled to the same context total."""
+def denoising(models: dict, h5ad: Path, gene_share: dict[int, float],
+              seed: int) -> dict[str, float]:
+    """Pearson of log2(1 + x) at the dropped counts: each model (same vocabularies) vs the
+    library-size mean and the neighbour average, all scaled to the same context total, on one
+    pass over the same corrupted batches."""
     from pretrain.embed import inference_config, iter_batches
 
+    first = next(iter(models.values()))
     # the training corruption on the model's full context, all 6 neighbours, no 100% pass
-    corrupt = replace(inference_config(model.train_context, 6, 64, seed), mask_scale=1.1,
+    corrupt = replace(inference_config(first.train_context, 6, 64, seed), mask_scale=1.1,
                       mask_max=0.8)
-    preds: dict[str, list[np.ndarray]] = {"model": [], "library-size mean": [],
-                                           "neighbour average": []}
+    preds: dict[str, list[np.ndarray]] = {k: [] for k in [*models, "library-size mean",
+                                                           "neighbour average"]}
     truth = []
-    for _, batch in iter_batches(model, h5ad, data_config=corrupt):
+    for _, batch in iter_batches(first, h5ad, data_config=corrupt):
         mask = batch["gene_mask"]
         dropped = mask & (batch["input_counts"] != batch["counts"])
         scale = (batch["counts"] * mask).sum(1, keepdim=True)
-        with torch.no_grad():
-            mean = model.model(batch)["pred_mean"]
         share = torch.tensor(np.vectorize(lambda g: gene_share.get(int(g), 0.0))(
             batch["gene_ids"].numpy()), dtype=torch.float32) * mask
         nbr = batch["nbr_counts"].float()
         present = batch["nbr_mask"].float()[:, :, None]
         nbr_mean = (nbr * present).sum(1) / present.sum(1).clamp(min=1) * mask
-
-        for name, p in (("model", mean), ("library-size mean", _to_total(share, scale)),
-                        ("neighbour average", _to_total(nbr_mean, scale))):
+        predicted = {"library-size mean": _to_total(share, scale),
+                     "neighbour average": _to_total(nbr_mean, scale)}
+        with torch.no_grad():
+            predicted.update({name: m.model(batch)["pred_mean"] for name, m in models.items()})
+        for name, p in predicted.items():
             preds[name].append(torch.log2(1 + p[dropped]).numpy())
         truth.append(torch.log2(1 + batch["counts"][dropped]).numpy())
     y = np.concatenate(truth)
@@ -295,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     random_file = save_random_init(trained_file, out / "model_random_init.pt")
     print(f"trained {args.model} for {args.steps} steps on {args.ranks} ranks in {seconds:.0f} s")
 
-    x_ctrl, y_ctrl, _ = read_counts(ctrl, LABEL)
-    x_stim, y_stim, _ = read_counts(stim, LABEL)
+    x_ctrl, y_ctrl = read_counts(ctrl, LABEL)
+    x_stim, y_stim = read_counts(stim, LABEL)
     rows: list[tuple[str, str, str, float, float]] = []  # (setting, method, metric, acc, f1)
 
     def add(setting, method, pred, truth):
@@ -307,9 +311,10 @@ def main(argv: list[str] | None = None) -> None:
     add(a, "logistic regression, log-normalised counts", logreg_predict(x_ctrl, y_ctrl, x_stim),
         y_stim)
     add(a, "kNN on PCA-50", pca_knn_predict(x_ctrl, y_ctrl, x_stim), y_stim)
-    embeddings, recon = {}, {}
-    for name, path in (("model", trained_file), ("random init", random_file)):
-        model = load_model_file(path)
+    models = {"model": load_model_file(trained_file),
+              "random init": load_model_file(random_file)}
+    embeddings = {}
+    for name, model in models.items():
         e_ctrl = embed_anndata(model, ctrl)
         e_stim = embed_anndata(model, stim)
         embeddings[name] = e_stim.obsm["X_scpretrain"]
@@ -317,8 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         add(a, f"{name}: kNN probe on the embedding",
             knn_predict(e_ctrl.obsm["X_scpretrain"], y_ctrl, e_stim.obsm["X_scpretrain"]),
             y_stim)
-        recon[name] = denoising(model, stim, gene_shares(model, ctrl), seed=0)
 
+    recon = denoising(models, stim, gene_shares(models["model"], ctrl), seed=0)
     if args.held_out:
         rows += held_out_rows(Path(args.held_out), args.held_out_label,
                               {"model": trained_file, "random init": random_file})
@@ -336,7 +341,7 @@ def held_out_rows(path: Path, label: str, models: dict[str, Path]) -> list[tuple
     from pretrain.embed import embed_anndata
     from pretrain.export import load_model_file
 
-    x, y, _ = read_counts(path, label)
+    x, y = read_counts(path, label)
     keep = np.isin(y, [v for v, n in zip(*np.unique(y, return_counts=True)) if n >= 5])
     setting = f"(b) {path.name} ({keep.sum()} cells, left out)"
     features = {"kNN on PCA-50": x, "logistic regression, log-normalised counts": x}
@@ -361,18 +366,12 @@ def held_out_rows(path: Path, label: str, models: dict[str, Path]) -> list[tuple
     return rows + [(setting, k, *accuracy_f1(y[keep], v[keep])) for k, v in heads.items()]
 
 
-def format_table(rows, recon) -> str:
+def format_table(rows, recon: dict[str, float]) -> str:
     lines = ["| setting | method | accuracy | macro-F1 |", "|---|---|---:|---:|"]
     lines += [f"| {s} | {m} | {acc:.3f} | {f1:.3f} |" for s, m, acc, f1 in rows]
     lines += ["", "| denoising, STIM cells (Pearson of log2(1 + count) at dropped counts) | "
               "Pearson |", "|---|---:|"]
-    seen = set()
-    for name, scores in recon.items():
-        for method, r in scores.items():
-            key = method if method != "model" else name
-            if key not in seen:
-                seen.add(key)
-                lines.append(f"| {key} | {r:.3f} |")
+    lines += [f"| {name} | {r:.3f} |" for name, r in recon.items()]
     return "\n".join(lines)
 
 
