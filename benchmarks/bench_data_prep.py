@@ -347,8 +347,7 @@ def packing_summary(results: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=os.environ.get("SCPRETRAIN_SHARED_DATA",
-                                                    str(REPO.parent / "shared" / "data")))
+    p.add_argument("--data", default=str(REPO / "data"))
     p.add_argument("--work", default=str(REPO / "out" / "bench"))
     p.add_argument("--cells", type=int, default=200_000, help="cells of the derived input")
     p.add_argument("--seed", type=int, default=0)

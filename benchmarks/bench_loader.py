@@ -77,8 +77,7 @@ def baseline(cells: list[tuple[Path, int, np.ndarray]], backed: bool) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", help="build_shards output (default: build one from --data)")
-    ap.add_argument("--data", default=os.environ.get(
-        "SCPRETRAIN_SHARED_DATA", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--data", default=str(REPO / "data"))
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--backed-cells", type=int, default=300)

@@ -20,17 +20,6 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The real multi-organism datasets that live beside the repository (not shipped in it)."""
-    path = Path(os.environ.get("SCPRETRAIN_SHARED_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path}: the shared real datasets are missing; set SCPRETRAIN_SHARED_DATA"
-        )
-    return path
-
-
-@pytest.fixture(scope="session")
-def demo_data() -> Path:
-    """The small real datasets embedded in the repository (data/)."""
+def real_data() -> Path:
+    """The small real datasets of five organisms embedded in the repository (data/README.md)."""
     return REPO / "data"

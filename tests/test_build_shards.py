@@ -65,18 +65,18 @@ def bad_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, shared_data):
+def first(tmp_path_factory, real_data):
     """A small earlier build whose vocabulary the main build extends."""
     root = tmp_path_factory.mktemp("first")
-    _write_sheet(root / "sheet.csv", shared_data, SMALL)
+    _write_sheet(root / "sheet.csv", real_data, SMALL)
     _cli("data_prep.build_shards", "--sheet", root / "sheet.csv", "--out", root / "out", *FLAGS)
     return root / "out"
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, shared_data, bad_file, first):
+def build(tmp_path_factory, real_data, bad_file, first):
     root = tmp_path_factory.mktemp("build")
-    _write_sheet(root / "sheet.csv", shared_data, list(FILES))
+    _write_sheet(root / "sheet.csv", real_data, list(FILES))
     args = ["--sheet", root / "sheet.csv", bad_file, "--vocab", first / "vocab", *FLAGS]
     _cli("data_prep.build_shards", *args, "--out", root / "out", "--jobs", "2")
     return {"root": root, "out": root / "out", "args": args}
@@ -157,11 +157,11 @@ def test_stream_matches_target_group_weights(build):
     assert np.count_nonzero(prob) == n_pool
 
 
-def test_packed_shards_realise_the_target_group_weights(tmp_path, shared_data):
+def test_packed_shards_realise_the_target_group_weights(tmp_path, real_data):
     """Read back from the shards themselves: group shares of an 8,000-sample stream of the PBMC
     file are within total variation 0.05 of the target W_c^g / sum W^g."""
     pbmc = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
-    _write_sheet(tmp_path / "sheet.csv", shared_data, [pbmc])
+    _write_sheet(tmp_path / "sheet.csv", real_data, [pbmc])
     out = tmp_path / "out"
     _cli("data_prep.build_shards", "--sheet", tmp_path / "sheet.csv", "--out", out,
          "--stream-size", "8000", "--shard-samples", "4000", "--context-genes", "0", "--quiet")

@@ -38,10 +38,10 @@ def _neighbours(x: np.ndarray, k: int = 6) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(d, idx, axis=1).astype(np.float32)
 
 
-def _cell_samples(shared: Path) -> list[CellSample]:
+def _cell_samples(data: Path) -> list[CellSample]:
     samples, start = [], 1
     for ds, (fname, n, taxon) in enumerate(SOURCES):
-        x = np.asarray(ad.read_h5ad(shared / fname).X[:n].todense(), dtype=np.float32)
+        x = np.asarray(ad.read_h5ad(data / fname).X[:n].todense(), dtype=np.float32)
         idx, dist = _neighbours(x)
         for i in range(n):
             expr = np.flatnonzero(x[i])
@@ -90,8 +90,8 @@ def write_shards(samples: list[CellSample], out: Path, n_shards: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def samples(shared_data: Path) -> list[CellSample]:
-    return _cell_samples(shared_data)
+def samples(real_data: Path) -> list[CellSample]:
+    return _cell_samples(real_data)
 
 
 @pytest.fixture(scope="module")

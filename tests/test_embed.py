@@ -39,8 +39,8 @@ TRAINED = ("cell_type", "sex", "organism")  # classes with labels in the model f
 
 
 @pytest.fixture(scope="module")
-def pbmc(demo_data):
-    return anndata.read_h5ad(demo_data / SOURCE)
+def pbmc(real_data):
+    return anndata.read_h5ad(real_data / SOURCE)
 
 
 @pytest.fixture(scope="module")

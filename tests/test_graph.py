@@ -43,10 +43,10 @@ def _stand_in(counts, cell_type=None) -> StandIn:
 
 
 @pytest.fixture(scope="module")
-def pbmc(shared_data):
+def pbmc(real_data):
     import anndata as ad
 
-    a = ad.read_h5ad(shared_data / PBMC)
+    a = ad.read_h5ad(real_data / PBMC)
     rows = np.random.default_rng(0).choice(a.n_obs, 1200, replace=False)
     rows.sort()
     return sp.csr_matrix(a.X[rows], dtype=np.float32), a.obs["cell_type"].astype(str).values[rows]

@@ -178,8 +178,8 @@ def test_sheet_min_genes_overrides_the_build_threshold(tmp_path):
     assert ds.meta["dropped"] == {"min_genes": int((nnz < 4).sum())}
 
 
-def test_schema_labels_on_cellxgene_fixture(tmp_path, shared_data):
-    path = shared_data / FIXTURE
+def test_schema_labels_on_cellxgene_fixture(tmp_path, real_data):
+    path = real_data / FIXTURE
     ds = ingest_dataset(spec_for(path), tmp_path / "fx", IngestConfig(min_genes=1))
     obs = ad.read_h5ad(path, backed="r").obs.iloc[ds.cells]
     assert ds.meta["organism"] == "NCBITaxon:9606"  # from uns
@@ -237,10 +237,10 @@ def test_resume_and_atomicity(tmp_path, monkeypatch):
     assert IngestedDataset.load(out).meta["n_kept"] == first.n_cells  # still intact
 
 
-def test_real_files_ingest(tmp_path, shared_data):
-    """Every shared real file ingests with its organism found in the file."""
+def test_real_files_ingest(tmp_path, real_data):
+    """Every embedded real file ingests with its organism found in the file."""
     taxa = {}
-    for path in sorted(shared_data.glob("*.h5ad")):
+    for path in sorted(real_data.glob("*.h5ad")):
         ds = ingest_dataset(spec_for(path), tmp_path / path.stem, IngestConfig(min_genes=20))
         assert ds.meta["counts_source"] == "X" and ds.n_cells > 0
         assert ds.counts.shape == (ds.n_cells, len(ds.genes))

@@ -100,8 +100,8 @@ def test_discover_inputs(files):
         discover_inputs([], write_sheet(files / "d.csv", "path\na/x.h5ad\na/../a/x.h5ad\n"))
 
 
-def test_demo_sheet_parses(demo_data):
-    specs = discover_inputs([], demo_data / "demo_sheet.csv")
+def test_demo_sheet_parses(real_data):
+    specs = discover_inputs([], real_data / "demo_sheet.csv")
     assert [s.organism.taxon for s in specs] == [9606, 9606, 10090]
     assert specs[0].label_columns == {"cell_type": "cell_type", "sex": NO_LABEL}
     # the schema fixture and the 1000-gene mouse slice get a QC threshold of their own

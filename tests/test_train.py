@@ -29,9 +29,9 @@ BUILD = ["--jobs", "1", "--quiet", "--seed", "0", "--context-genes", str(CONTEXT
          "--eval-fraction", "0.1", "--stream-size", "600", "--shard-samples", "150"]
 
 
-def build_shards(shared: Path, out: Path) -> Path:
+def build_shards(data: Path, out: Path) -> Path:
     """The data preparation CLI on the real files (about 6 s)."""
-    cmd = [sys.executable, "-m", "data_prep.build_shards", *[str(shared / f) for f in SOURCES],
+    cmd = [sys.executable, "-m", "data_prep.build_shards", *[str(data / f) for f in SOURCES],
            "--out", str(out), *BUILD]
     proc = subprocess.run(cmd, cwd=Path(__file__).parents[1], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
@@ -91,8 +91,8 @@ def _losses(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="session")
-def shards(shared_data, tmp_path_factory) -> Path:
-    return build_shards(shared_data, tmp_path_factory.mktemp("shards"))
+def shards(real_data, tmp_path_factory) -> Path:
+    return build_shards(real_data, tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="session")
