@@ -125,7 +125,7 @@ def write_model_file(
         "train_context": int(train_context),
         "graph_config": asdict(graph_config or GraphConfig()),
         "genes": {curie: {"taxon": r.organism.taxon, "name": r.organism.name, "start": r.start,
-                          "size": r.size, "genes": list(r.genes)}
+                          "size": r.size, "genes": list(r.genes), "aliases": dict(r.aliases)}
                   for curie, r in vocab.ranges.items()},
         "labels": {cls: labels.values(cls) for cls in CLASSES},
     }
@@ -193,7 +193,7 @@ def _gene_vocab(genes: dict) -> GeneVocab:
         start, names = int(o["start"]), list(o["genes"])
         vocab.ranges[curie] = OrganismRange(
             Organism(int(o["taxon"]), curie, o["name"]), start, int(o["size"]), names,
-            {g: start + i for i, g in enumerate(names)})
+            {g: start + i for i, g in enumerate(names)}, dict(o.get("aliases", {})))
     return vocab
 
 

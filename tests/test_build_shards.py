@@ -19,6 +19,8 @@ from data_prep import verify
 from data_prep.shard_format import CLASSES, decode_sample, load_manifest
 from data_prep.weights import group_probabilities
 
+FIXTURE = "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad"
+PANELS = {FIXTURE: 100}  # min_dataset_genes override: the 136-gene fixture is accepted
 FILES = {  # file -> (organism, cell_type column, sex column)
     "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad": ("human", "cell_type", "-"),
     "mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad": ("mouse", "cell_type_annotation",
@@ -27,7 +29,7 @@ FILES = {  # file -> (organism, cell_type column, sex column)
     "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad": ("fly", "annotation",
                                                                              "sex"),
     "arabidopsis_scplant_2000cells_7000genes_raw.h5ad": ("NCBITaxon:3702", "", ""),
-    "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad": ("", "", ""),
+    FIXTURE: ("", "", ""),
 }
 SMALL = ["mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad",
          "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad"]
@@ -44,8 +46,9 @@ def _cli(module, *args, env=None, check=True):
 
 
 def _write_sheet(path, data_dir, files):
-    lines = ["path,organism,cell_type,sex"]
-    lines += [f"{data_dir / f},{FILES[f][0]},{FILES[f][1]},{FILES[f][2]}" for f in files]
+    lines = ["path,organism,cell_type,sex,min_dataset_genes"]
+    lines += [f"{data_dir / f},{FILES[f][0]},{FILES[f][1]},{FILES[f][2]},{PANELS.get(f, '')}"
+              for f in files]
     path.write_text("\n".join(lines) + "\n")
 
 
