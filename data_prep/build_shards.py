@@ -23,6 +23,7 @@ identical to a single run over all datasets.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import multiprocessing
@@ -85,10 +86,10 @@ def given_paths(specs: list[DatasetSpec], inputs: list[str], sheet: str | None) 
 
 
 def scan_dataset(spec: DatasetSpec, genes_dir: Path, cfg: BuildConfig) -> dict | None:
-    """A dataset's ``FileGenes`` (as JSON), cached in ``genes_dir`` and reused while the file,
-    its sheet row and the ingest settings are the same. None for a file that cannot be read:
-    the ingest stage rejects it with the reason."""
-    path = genes_dir / f"{spec.name}.json"
+    """A dataset's ``FileGenes`` (as JSON), cached in ``genes_dir`` (gzip: a name, id and
+    symbol per column) and reused while the file, its sheet row and the ingest settings are the
+    same. None for a file that cannot be read: the ingest stage rejects it with the reason."""
+    path = genes_dir / f"{spec.name}.json.gz"
     try:
         size = spec.path.stat().st_size
     except OSError:
@@ -97,16 +98,17 @@ def scan_dataset(spec: DatasetSpec, genes_dir: Path, cfg: BuildConfig) -> dict |
            "config": cfg.ingest.fingerprint()}
     key["spec"].pop("multiplier")
     try:
-        done = json.loads(path.read_text())
+        done = json.loads(gzip.decompress(path.read_bytes()))
         if done["key"] == key:
             return done["genes"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, EOFError, ValueError, KeyError):
         pass
     try:
         found = scan_genes(spec, cfg.ingest).to_json()
     except DatasetError:
         return None
-    atomic.write_text(path, json.dumps({"key": key, "genes": found}, sort_keys=True))
+    doc = json.dumps({"key": key, "genes": found}, sort_keys=True).encode()
+    atomic.write_bytes(path, gzip.compress(doc, mtime=0))
     return found
 
 

@@ -94,22 +94,24 @@ def describe_var(organism: Organism, names: Sequence[str], columns: dict[str, Se
     its other text columns (column name -> values, missing values as None or NaN)."""
     pattern = gene_id_pattern(organism)
     text = {k: [_text(v) for v in vs] for k, vs in columns.items()}
-    candidates = [(names_source, list(names))] + [(f"var[{k!r}]", v) for k, v in text.items()]
-    id_source, ids = None, [None] * len(names)
-    for source, values in candidates:
-        found = [canonical_id(v, pattern) if v is not None else None for v in values]
-        if found and sum(g is not None for g in found) >= ID_SHARE * len(found):
-            id_source, ids = source, found
-            break
+    ids = [canonical_id(n, pattern) for n in names]  # a name that is an id is one, in any file
+    id_source = names_source if any(g is not None for g in ids) else None
     symbol_source, symbols = None, [None] * len(names)
-    if id_source != names_source:
-        symbol_source, symbols = names_source, list(names)
-    else:
+    if _share(ids) >= ID_SHARE:  # named by id: symbols may sit in a column beside them
         for col in SYMBOL_COLUMNS:
             values = text.get(col)
-            if values is not None and sum(canonical_id(v, pattern) is None for v in values
-                                          if v is not None) > ID_SHARE * len(values):
+            if values is not None and _share([v if v is None else canonical_id(v, pattern)
+                                              for v in values]) < ID_SHARE:
                 symbol_source, symbols = f"var[{col!r}]", values
+                break
+    else:  # named by symbol: ids may sit in a column beside them
+        symbol_source = names_source
+        symbols = [n if g is None else None for n, g in zip(names, ids)]
+        for col, values in text.items():
+            found = [v if v is None else canonical_id(v, pattern) for v in values]
+            if _share(found) >= ID_SHARE:
+                id_source = f"var[{col!r}]"
+                ids = [g if g is not None else f for g, f in zip(ids, found)]
                 break
     symbols = [s if s is not None else (n if g is None else None)
                for s, n, g in zip(symbols, names, ids)]
@@ -126,6 +128,10 @@ def describe_var(organism: Organism, names: Sequence[str], columns: dict[str, Se
         else:
             excluded.append(None)
     return FileGenes(organism, list(names), ids, symbols, excluded, id_source, symbol_source)
+
+
+def _share(values: list) -> float:
+    return sum(v is not None for v in values) / max(1, len(values))
 
 
 def _text(value) -> str | None:
