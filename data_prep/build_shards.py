@@ -117,12 +117,12 @@ def symbol_map(specs: list[DatasetSpec], work: Path, cfg: BuildConfig, jobs: int
     """The build's symbol -> id map from every dataset's var (not only this worker's share),
     the gene tables and the vocabulary being extended; saved to ``work/genes/symbols.tsv``.
     Returns it with each dataset's ``FileGenes`` (None where the file is unreadable)."""
+    tables = {curie: read_gene_table(path, curie) for curie, path in cfg.gene_tables.items()}
     genes_dir = work / "genes"
     genes_dir.mkdir(parents=True, exist_ok=True)
     scans = [None if d is None else FileGenes.from_json(d)
              for d in _map(scan_dataset, [(s, genes_dir, cfg) for s in specs], jobs,
                            progress(len(specs), "gene names"))]
-    tables = {curie: read_gene_table(path, curie) for curie, path in cfg.gene_tables.items()}
     previous = GeneVocab.load(cfg.vocab).symbol_map() if cfg.vocab else None
     symbols = SymbolMap.build([g for g in scans if g is not None], tables, previous)
     symbols.save(genes_dir / SYMBOLS_FILE)
@@ -183,7 +183,7 @@ def run_datasets(specs: list[DatasetSpec], given: list[str], indices: list[int],
                                 multiplier=specs[i].multiplier) for i in indices}
     tasks = [(specs[i], work / "datasets", cfg,
               SymbolMap() if scans[i] is None else
-              symbols.restrict(scans[i].organism, scans[i].all_symbols())) for i in indices]
+              symbols.restrict(scans[i].organism, scans[i].symbols_to_map())) for i in indices]
     outcomes = _map(process_dataset, tasks, jobs, progress(len(indices), "ingest + graph"))
     for i, outcome in zip(indices, outcomes):
         _apply(records[i], outcome)

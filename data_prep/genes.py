@@ -74,8 +74,10 @@ class FileGenes:
             if gid is not None and sym is not None and out is None and sym != gid:
                 yield sym, gid
 
-    def all_symbols(self) -> set[str]:
-        return {s for s in self.symbols if s is not None}
+    def symbols_to_map(self) -> set[str]:
+        """Symbols of the gene rows without an id: the part of a symbol map the file uses."""
+        return {s for s, g, out in zip(self.symbols, self.ids, self.excluded)
+                if s is not None and g is None and out is None}
 
     def to_json(self) -> dict:
         return {"organism": self.organism.curie, "names": self.names, "ids": self.ids,
