@@ -5,8 +5,9 @@ that are not genes. Each var row of a file is described by a ``FileGenes`` and t
 canonical gene name by ``plan_genes``:
 
 1. Left out (and counted): ERCC spike-ins (name ``ERCC-NNNNN`` or CELLxGENE ``feature_biotype``
-   ``spike-in``), and features whose ``feature_types`` (10x) is not "Gene Expression" or whose
-   CELLxGENE ``feature_biotype`` is not "gene" (antibody capture, CRISPR guides...).
+   ``spike-in``), features whose ``feature_types`` (10x) is not "Gene Expression" or whose
+   CELLxGENE ``feature_biotype`` is not "gene" (antibody capture, CRISPR guides...), and genes
+   whose CELLxGENE ``feature_reference`` is another organism (e.g. viral genes in a human file).
 2. The organism's gene id when the file gives one: var_names, or else the first var column
    holding mostly such ids (``organisms.gene_id_pattern``: Ensembl ids, FlyBase for the fly, AGI
    for Arabidopsis...), version suffixes stripped (``ENSG00000141510.16`` -> ``ENSG00000141510``).
@@ -44,8 +45,10 @@ SYMBOL_COLUMNS = ("feature_name", "gene_symbol", "gene_symbols", "symbol", "symb
                   "gene_name", "gene_names", "gene_short_name")
 FEATURE_TYPES, GENE_EXPRESSION = "feature_types", "gene expression"
 FEATURE_BIOTYPE, GENE_BIOTYPE, SPIKE_IN_BIOTYPE = "feature_biotype", "gene", "spike-in"
+FEATURE_REFERENCE = "feature_reference"  # CELLxGENE: the organism (curie) a feature belongs to
 ID_SHARE = 0.5  # a column names genes by id when at least this share of its values are ids
 SPIKE_IN_REASON, FEATURE_REASON, UNMAPPED_REASON = "spike_in", "not_gene_expression", "unmapped"
+OTHER_ORGANISM_REASON = "other_organism"
 MISSING = frozenset({"", "nan", "none", "na", "<na>"})
 
 
@@ -117,16 +120,19 @@ def describe_var(organism: Organism, names: Sequence[str], columns: dict[str, Se
                 break
     symbols = [s if s is not None else (n if g is None else None)
                for s, n, g in zip(symbols, names, ids)]
-    types = text.get(FEATURE_TYPES, [None] * len(names))
-    biotypes = text.get(FEATURE_BIOTYPE, [None] * len(names))
+    none = [None] * len(names)
+    types, biotypes, refs = (text.get(c, none) for c in (FEATURE_TYPES, FEATURE_BIOTYPE,
+                                                         FEATURE_REFERENCE))
     excluded = []
-    for n, s, t, b in zip(names, symbols, types, biotypes):
+    for n, s, t, b, r in zip(names, symbols, types, biotypes, refs):
         if SPIKE_IN.match(n) or (s is not None and SPIKE_IN.match(s)) or (
                 b is not None and b.lower() == SPIKE_IN_BIOTYPE):
             excluded.append(SPIKE_IN_REASON)
         elif (t is not None and t.lower() != GENE_EXPRESSION) or (
                 b is not None and b.lower() != GENE_BIOTYPE):
             excluded.append(FEATURE_REASON)
+        elif r is not None and r.startswith("NCBITaxon:") and r != organism.curie:
+            excluded.append(OTHER_ORGANISM_REASON)
         else:
             excluded.append(None)
     return FileGenes(organism, list(names), ids, symbols, excluded, id_source, symbol_source)

@@ -70,14 +70,18 @@ def test_plan_maps_merges_and_leaves_out():
     assert dropped.counts["left_out_unmapped"] == 1 and dropped.counts["unmapped"] == 0
 
 
-def test_cellxgene_feature_biotype():
-    fg = describe_var(HUMAN, ["ENSG00000000003", "ERCC-00002", "ENSG00000000005"],
-                      {"feature_biotype": ["gene", "spike-in", "gene"],
-                       "feature_name": ["TSPAN6", "ERCC-00002 (spike-in control)", "TNMD"]})
-    assert fg.excluded == [None, "spike_in", None]
+def test_cellxgene_feature_biotype_and_reference():
+    fg = describe_var(HUMAN, ["ENSG00000000003", "ERCC-00002", "ENSG00000000005",
+                              "ENSSASG00005000002"],
+                      {"feature_biotype": ["gene", "spike-in", "gene", "gene"],
+                       "feature_name": ["TSPAN6", "ERCC-00002 spike-in", "TNMD", "ORF1ab"],
+                       "feature_reference": ["NCBITaxon:9606", "NCBITaxon:32630",
+                                             "NCBITaxon:9606", "NCBITaxon:2697049"]})
+    assert fg.excluded == [None, "spike_in", None, "other_organism"]
     assert fg.symbol_source == "var['feature_name']"
     plan = plan_genes(fg, {})
     assert plan.genes == ["ENSG00000000003", "ENSG00000000005"] and plan.identity is False
+    assert plan.counts["left_out_other_organism"] == 1
 
 
 def test_symbol_map_precedence_and_ties(tmp_path):
