@@ -19,6 +19,7 @@ import numpy as np
 from data_prep import manifest as manifest_mod
 from data_prep import pack, report
 from data_prep.config import BuildConfig
+from data_prep.genes import SymbolMap
 from data_prep.ingest import IngestedDataset
 from data_prep.labels import LabelVocab
 from data_prep.shard_format import CLASSES, UNKNOWN
@@ -65,11 +66,13 @@ class _Loaded:
 
 
 def assemble(out: Path, records: list[DatasetRecord], cfg: BuildConfig, jobs: int,
-             mp_context, progress) -> dict:
-    """Build everything after the per-dataset stages; returns the manifest written."""
+             mp_context, progress, symbols: SymbolMap) -> dict:
+    """Build everything after the per-dataset stages; returns the manifest written.
+    ``symbols`` (the build's symbol map) gives the gene vocabulary its aliases."""
     records = sorted(records, key=lambda r: r.index)
     loaded = [_load(r) for r in records if r.status == "ok"]
     vocab, labels = _vocabularies(cfg, loaded)
+    vocab.add_aliases(symbols)
     n_total = sum(x.ds.n_cells for x in loaded)
     if n_total == 0:
         raise ValueError("no cells left to pack: every dataset was rejected or empty")

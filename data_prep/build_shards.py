@@ -2,16 +2,20 @@
 
     python -m data_prep.build_shards [INPUT.h5ad|DIR ...] [--sheet SHEET.csv] --out OUT
 
-Stages: ingest each dataset (validate, QC, CSR) -> cell graph per dataset (PCA, kNN, Leiden,
-pseudo-labels) -> gene and label vocabularies -> sampling weights -> the epoch's weighted stream ->
-tar shards -> OUT/manifest.json -> OUT/report/. The per-dataset stages run in ``--jobs``
-processes. Every stage resumes: rerun the same command after a crash or ``kill -9`` and it
-finishes with byte-identical output. A bad dataset is logged, counted as "rejected: <problem>" in
-the manifest's accounting and skipped, unless ``--strict``.
+Stages: gene names of every dataset (its var only: ids, symbols, spike-ins), joined with the
+``--gene-table`` files into one symbol -> Ensembl id map per organism -> ingest each dataset
+(validate, genes as canonical ids, drop non-primary cells and gene panels, QC, CSR) -> cell graph
+per dataset (PCA, kNN, Leiden, pseudo-labels) -> gene and label vocabularies -> sampling weights
+-> the epoch's weighted stream -> tar shards -> OUT/manifest.json -> OUT/report/. The
+per-dataset stages run in ``--jobs`` processes. Every stage resumes: rerun the same command
+after a crash or ``kill -9`` and it finishes with byte-identical output. A bad dataset is
+logged, counted as "rejected: <problem>" in the manifest's accounting and skipped, unless
+``--strict``.
 
 On a cluster, split the datasets over W machines (a job array): worker I runs the same command
 with ``--num-workers W --worker-index I --out PART_I``; it does the per-dataset stages of its
-share and writes PART_I/part.json. Then ``python -m data_prep.merge PART_0 ... PART_{W-1} --out
+share (every worker reads the gene names of all datasets, so all use the same symbol map) and
+writes PART_I/part.json. Then ``python -m data_prep.merge PART_0 ... PART_{W-1} --out
 OUT`` builds the vocabularies, stream, shards, manifest and report from the parts; the result is
 identical to a single run over all datasets.
 """
@@ -19,6 +23,7 @@ identical to a single run over all datasets.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import multiprocessing
@@ -33,12 +38,16 @@ from tqdm import tqdm
 from data_prep import atomic
 from data_prep.assemble import DatasetRecord, assemble
 from data_prep.config import BuildConfig, add_config_flags, config_from_args
+from data_prep.genes import FileGenes, SymbolMap, read_gene_table
 from data_prep.graph import build_graph
-from data_prep.ingest import DatasetError, ingest_dataset
+from data_prep.ingest import DatasetError, ingest_dataset, scan_genes
 from data_prep.sheet import DatasetSpec, SheetError, discover_inputs
+from data_prep.vocab import GeneVocab
 
 log = logging.getLogger("data_prep")
 PART_FILE = "part.json"
+SYMBOLS_FILE = "symbols.tsv"  # the build's symbol map, in OUT/work/genes/
+SCAN_VERSION = 1
 
 
 def mp_context():
@@ -76,12 +85,73 @@ def given_paths(specs: list[DatasetSpec], inputs: list[str], sheet: str | None) 
     return out
 
 
-def process_dataset(spec: DatasetSpec, work: Path, cfg: BuildConfig) -> dict:
+def scan_dataset(spec: DatasetSpec, genes_dir: Path, cfg: BuildConfig) -> dict | None:
+    """A dataset's ``FileGenes`` (as JSON), cached in ``genes_dir`` (gzip: a name, id and
+    symbol per column) and reused while the file, its sheet row and the ingest settings are the
+    same. None for a file that cannot be read: the ingest stage rejects it with the reason."""
+    path = genes_dir / f"{spec.name}.json.gz"
+    try:
+        size = spec.path.stat().st_size
+    except OSError:
+        return None
+    key = {"version": SCAN_VERSION, "spec": spec.to_config(), "file_bytes": size,
+           "config": cfg.ingest.fingerprint()}
+    key["spec"].pop("multiplier")
+    try:
+        done = json.loads(gzip.decompress(path.read_bytes()))
+        if done["key"] == key:
+            return done["genes"]
+    except (OSError, EOFError, ValueError, KeyError):
+        pass
+    try:
+        found = scan_genes(spec, cfg.ingest).to_json()
+    except DatasetError:
+        return None
+    doc = json.dumps({"key": key, "genes": found}, sort_keys=True).encode()
+    atomic.write_bytes(path, gzip.compress(doc, mtime=0))
+    return found
+
+
+def symbol_map(specs: list[DatasetSpec], work: Path, cfg: BuildConfig, jobs: int,
+               progress) -> tuple[SymbolMap, list[FileGenes | None]]:
+    """The build's symbol -> id map from every dataset's var (not only this worker's share),
+    the gene tables and the vocabulary being extended; saved to ``work/genes/symbols.tsv``.
+    Returns it with each dataset's ``FileGenes`` (None where the file is unreadable)."""
+    tables = {curie: read_gene_table(path, curie) for curie, path in cfg.gene_tables.items()}
+    genes_dir = work / "genes"
+    genes_dir.mkdir(parents=True, exist_ok=True)
+    scans = [None if d is None else FileGenes.from_json(d)
+             for d in _map(scan_dataset, [(s, genes_dir, cfg) for s in specs], jobs,
+                           progress(len(specs), "gene names"))]
+    previous = GeneVocab.load(cfg.vocab).symbol_map() if cfg.vocab else None
+    symbols = SymbolMap.build([g for g in scans if g is not None], tables, previous)
+    symbols.save(genes_dir / SYMBOLS_FILE)
+    return symbols, scans
+
+
+def _map(fn, arg_tuples: list[tuple], jobs: int, bar) -> list:
+    """``[fn(*a) for a in arg_tuples]``, in ``jobs`` processes when > 1, in order."""
+    out = []
+    if jobs <= 1:
+        for args in arg_tuples:
+            out.append(fn(*args))
+            bar.update(1)
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=mp_context()) as pool:
+            for fut in [pool.submit(fn, *args) for args in arg_tuples]:
+                out.append(fut.result())
+                bar.update(1)
+    bar.close()
+    return out
+
+
+def process_dataset(spec: DatasetSpec, work: Path, cfg: BuildConfig,
+                    symbols: SymbolMap) -> dict:
     """Ingest + graph of one dataset (in a worker process). Returns the record's outcome fields;
     a bad dataset becomes ``status="rejected"`` unless ``cfg.strict``."""
     d = work / spec.name
     try:
-        ds = ingest_dataset(spec, d / "ingest", cfg.ingest)
+        ds = ingest_dataset(spec, d / "ingest", cfg.ingest, symbols)
         if ds.n_cells:
             build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed)
     except Exception as e:
@@ -104,23 +174,19 @@ def count_cells(path: Path) -> int:
 
 
 def run_datasets(specs: list[DatasetSpec], given: list[str], indices: list[int], work: Path,
-                 cfg: BuildConfig, jobs: int, progress) -> list[DatasetRecord]:
-    """The per-dataset stages for ``specs[i] for i in indices``, in ``jobs`` processes."""
+                 cfg: BuildConfig, jobs: int, progress,
+                 symbols: SymbolMap, scans: list[FileGenes | None]) -> list[DatasetRecord]:
+    """The per-dataset stages for ``specs[i] for i in indices``, in ``jobs`` processes. Each
+    dataset gets the part of ``symbols`` its genes use (so its artifact is rebuilt only when
+    that part changes)."""
     records = {i: DatasetRecord(index=i, name=specs[i].name, path=given[i],
                                 multiplier=specs[i].multiplier) for i in indices}
-    bar = progress(len(indices), "ingest + graph")
-    if jobs <= 1:
-        outcomes = ((i, process_dataset(specs[i], work, cfg)) for i in indices)
-        for i, outcome in outcomes:
-            _apply(records[i], outcome)
-            bar.update(1)
-    else:
-        with ProcessPoolExecutor(jobs, mp_context=mp_context()) as pool:
-            futures = {i: pool.submit(process_dataset, specs[i], work, cfg) for i in indices}
-            for i, fut in futures.items():
-                _apply(records[i], fut.result())
-                bar.update(1)
-    bar.close()
+    tasks = [(specs[i], work / "datasets", cfg,
+              SymbolMap() if scans[i] is None else
+              symbols.restrict(scans[i].organism, scans[i].symbols_to_map())) for i in indices]
+    outcomes = _map(process_dataset, tasks, jobs, progress(len(indices), "ingest + graph"))
+    for i, outcome in zip(indices, outcomes):
+        _apply(records[i], outcome)
     return [records[i] for i in indices]
 
 
@@ -132,9 +198,9 @@ def _apply(rec: DatasetRecord, outcome: dict) -> None:
 
 
 def write_part(out: Path, records: list[DatasetRecord], cfg: BuildConfig, n_datasets: int,
-               num_workers: int, worker_index: int) -> None:
+               num_workers: int, worker_index: int, symbols: SymbolMap) -> None:
     doc = {"config": cfg.to_dict(), "n_datasets": n_datasets, "num_workers": num_workers,
-           "worker_index": worker_index,
+           "worker_index": worker_index, "symbols": symbols.digest(),
            "datasets": [{**r.public(), "ingest_dir": os.path.relpath(r.ingest_dir, out) if
                          r.ingest_dir else "", "graph_dir": os.path.relpath(r.graph_dir, out)
                          if r.graph_dir else ""} for r in records]}
@@ -169,21 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.worker_index < args.num_workers:
         log.error("--worker-index must be in [0, --num-workers)")
         return 2
-    cfg = config_from_args(args)
     out = Path(args.out)
     progress = progress_factory(not args.quiet)
     try:
+        cfg = config_from_args(args)
         specs = discover_inputs(args.inputs, args.sheet)
         given = given_paths(specs, args.inputs, args.sheet)
         indices = list(range(args.worker_index, len(specs), args.num_workers))
-        records = run_datasets(specs, given, indices, out / "work" / "datasets", cfg, args.jobs,
-                               progress)
+        symbols, scans = symbol_map(specs, out / "work", cfg, args.jobs, progress)
+        records = run_datasets(specs, given, indices, out / "work", cfg, args.jobs, progress,
+                               symbols, scans)
         if args.num_workers > 1:
-            write_part(out, records, cfg, len(specs), args.num_workers, args.worker_index)
+            write_part(out, records, cfg, len(specs), args.num_workers, args.worker_index,
+                       symbols)
             log.info("part %d/%d written to %s; join the parts with python -m data_prep.merge",
                      args.worker_index, args.num_workers, out)
             return 0
-        man = assemble(out, records, cfg, args.jobs, mp_context(), progress)
+        man = assemble(out, records, cfg, args.jobs, mp_context(), progress, symbols)
     except (DatasetError, SheetError, FileNotFoundError, ValueError, KeyError) as e:
         log.error("%s", e)
         return 1

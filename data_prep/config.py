@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field, fields
 
+from data_prep.genes import parse_gene_table_flags
 from data_prep.graph import GraphConfig
 from data_prep.ingest import IngestConfig
+from data_prep.organisms import resolve_organism
 from data_prep.pack import PackConfig
 from data_prep.vocab import VocabConfig
 from data_prep.weights import (
@@ -50,6 +52,7 @@ class BuildConfig:
     seed: int = 0
     strict: bool = False  # stop at the first bad dataset instead of counting it as rejected
     vocab: str | None = None  # previous output's vocab/ folder to extend (ids stay stable)
+    gene_tables: dict[str, str] = field(default_factory=dict)  # organism curie -> gene table
     ingest: IngestConfig = field(default_factory=IngestConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     weights: WeightConfig = field(default_factory=WeightConfig)
@@ -83,6 +86,16 @@ FLAGS: dict[str, tuple[str | None, str, str]] = {
     "--chunk-cells": ("ingest", "chunk_cells", "cells read per chunk while ingesting"),
     "--counts-source": ("ingest", "counts_source",
                         "raw counts matrix: auto, X, raw (raw.X) or a layer name"),
+    "--min-dataset-genes": ("ingest", "min_dataset_genes",
+                            "reject datasets measuring fewer genes (targeted panels); the "
+                            "sheet's min_dataset_genes column overrides it per dataset"),
+    "--keep-non-primary": ("ingest", "keep_non_primary",
+                           "keep cells with is_primary_data == False (CELLxGENE duplicates)"),
+    "--drop-unmapped-genes": ("ingest", "drop_unmapped_genes",
+                              "leave out gene symbols no Ensembl id is known for (default: keep "
+                              "them under their own name)"),
+    "--organism": ("ingest", "organism",
+                   "organism (name or NCBITaxon:N) of files with none in the sheet, obs or uns"),
     "--target-sum": ("graph", "target_sum", "normalise each cell to this total before log1p"),
     "--n-hvg": ("graph", "n_hvg", "highly variable genes for the PCA"),
     "--hvg-bins": ("graph", "hvg_bins", "mean bins for the HVG dispersion z-score"),
@@ -132,8 +145,9 @@ FLAGS: dict[str, tuple[str | None, str, str]] = {
 }
 
 
-# Fields set by other means: --strict/--keep-going, and pack.neighbours = --neighbours.
-NOT_FLAGS = {(None, "strict"), ("pack", "neighbours")}
+# Fields set by other means: --strict/--keep-going, --gene-table (repeated), and
+# pack.neighbours = --neighbours.
+NOT_FLAGS = {(None, "strict"), (None, "gene_tables"), ("pack", "neighbours")}
 
 
 def _check_flags() -> None:
@@ -172,11 +186,21 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section or 'build'} settings")
         t, default = _field_type(section, name)
+        if t is bool:
+            groups[section].add_argument(flag, dest=f"cfg_{section}_{name}", action="store_true",
+                                         help=help_)
+            continue
         groups[section].add_argument(
             flag, dest=f"cfg_{section}_{name}", type=t, default=default,
             metavar=flag.lstrip("-").replace("-", "_").upper(),
             help=f"{help_} (default: {default})",
         )
+    groups[None].add_argument(
+        "--gene-table", dest="gene_tables", action="append", default=[],
+        metavar="ORGANISM=FILE.tsv",
+        help="map gene symbols of ORGANISM to Ensembl ids with this table (tab-separated, header "
+             "with a gene id and a symbol column, optional synonyms: an Ensembl BioMart export); "
+             "repeat per organism")
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
@@ -190,4 +214,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             setattr(target, name, value)
     cfg.strict = bool(getattr(args, "strict", False))
     cfg.pack.neighbours = cfg.graph.n_neighbours_kept
+    cfg.gene_tables = parse_gene_table_flags(args.gene_tables)
+    if cfg.ingest.organism is not None:  # one spelling in the manifest: the curie
+        cfg.ingest.organism = resolve_organism(cfg.ingest.organism).curie
     return cfg

@@ -12,6 +12,19 @@ Which matrix holds the raw counts (``IngestConfig.counts_source="auto"``):
 3. else ``raw.X`` if present (X looks normalised);
 4. else ``X`` (which then fails validation with a message naming the file).
 
+Genes (``data_prep.genes``): each column becomes the organism's canonical gene (Ensembl id where
+the file gives one, symbols mapped through the build's ``SymbolMap``); spike-ins and features that
+are not gene expression are left out, columns naming the same gene are summed, and a cell's
+expressed genes and library size are counted after that. A dataset measuring fewer than
+``min_dataset_genes`` genes (a targeted panel) is rejected.
+
+Cells: those with ``is_primary_data == False`` (CELLxGENE: the same cells published again in
+another dataset) are dropped unless ``keep_non_primary``; then QC drops cells expressing fewer
+than ``min_genes`` genes. ``meta["dropped"]`` counts both.
+
+Organism: the sheet row's, else the file's (obs, then uns: ``organism_ontology_term_id``, then
+``organism``), else ``IngestConfig.organism`` (``--organism``).
+
 Labels (per kept cell, stored as per-dataset codes into sorted value lists, -1 = unknown):
 - source column: the sheet's column for the class; else the CELLxGENE schema column (the
   human-readable ``<class>`` first, then ``<class>_ontology_term_id``); ``-`` in the sheet: none;
@@ -38,17 +51,19 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
+from .genes import FileGenes, GenePlan, SymbolMap, describe_var, plan_genes
 from .organisms import Organism, resolve_organism
 from .shard_format import CLASSES, UNKNOWN
 from .sheet import NO_LABEL, DatasetSpec
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 META = "meta.json"
 UNKNOWN_VALUES = frozenset({"", "nan", "none", "null", "unknown", "na", "n/a", "<na>"})
 CULTURE, NOT_CULTURE = "cell culture", "not cell culture"
 _CULTURE_VALUES = frozenset({"cell culture", "primary cell culture", "true", "yes", "1"})
 _NOT_CULTURE_VALUES = frozenset({"false", "no", "0"})
-ORGANISM_FROM_SHEET = "give it in the sheet's 'organism' column"
+ORGANISM_FROM_SHEET = "give it in the sheet's 'organism' column or with --organism"
+PRIMARY_COLUMN = "is_primary_data"
 
 
 class DatasetError(ValueError):
@@ -65,9 +80,13 @@ class IngestConfig:
     min_genes: int = 200  # QC: drop cells with fewer expressed genes
     chunk_cells: int = 8192  # cells read per chunk (bounds peak memory)
     counts_source: str = "auto"  # "auto", "X", "raw" (raw.X) or the name of a layer
+    min_dataset_genes: int = 1000  # reject datasets measuring fewer genes (targeted panels)
+    keep_non_primary: bool = False  # keep cells with is_primary_data == False
+    drop_unmapped_genes: bool = False  # leave out symbols no id is known for
+    organism: str | None = None  # organism of files with none in their sheet row, obs or uns
 
     def __post_init__(self):
-        if self.min_genes < 0 or self.chunk_cells < 1:
+        if self.min_genes < 0 or self.chunk_cells < 1 or self.min_dataset_genes < 0:
             raise ValueError(f"need min_genes >= 0 and chunk_cells >= 1, got {self}")
 
     def fingerprint(self) -> dict:
@@ -137,14 +156,17 @@ class IngestedDataset:
 _ARRAYS = ("indptr", "indices", "data", "cells", "nnz", "total", "label_codes")
 
 
-def ingest_dataset(spec: DatasetSpec, out_dir: str | Path, cfg: IngestConfig) -> IngestedDataset:
+def ingest_dataset(spec: DatasetSpec, out_dir: str | Path, cfg: IngestConfig,
+                   symbols: SymbolMap | None = None) -> IngestedDataset:
     """Validate, QC and convert one dataset into ``out_dir`` (atomic; resumes when complete).
 
-    A complete artifact written from the same file, sheet row and settings is loaded, not
-    recomputed. Raises DatasetError for unusable input.
+    ``symbols`` maps gene symbols to ids (the build's map, or just the part this file uses).
+    A complete artifact written from the same file, sheet row, settings and symbol map is
+    loaded, not recomputed. Raises DatasetError for unusable input.
     """
     out_dir = Path(out_dir)
-    fingerprint = _fingerprint(spec, cfg)
+    symbols = symbols or SymbolMap()
+    fingerprint = _fingerprint(spec, cfg, symbols)
     if (out_dir / META).is_file():
         try:
             done = IngestedDataset.load(out_dir)
@@ -158,7 +180,7 @@ def ingest_dataset(spec: DatasetSpec, out_dir: str | Path, cfg: IngestConfig) ->
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        meta = _convert(spec, tmp, cfg)
+        meta = _convert(spec, tmp, cfg, symbols)
         meta["fingerprint"] = fingerprint
         _write_json(tmp / META, meta)
         if out_dir.exists():
@@ -169,7 +191,7 @@ def ingest_dataset(spec: DatasetSpec, out_dir: str | Path, cfg: IngestConfig) ->
     return IngestedDataset.load(out_dir)
 
 
-def _fingerprint(spec: DatasetSpec, cfg: IngestConfig) -> dict:
+def _fingerprint(spec: DatasetSpec, cfg: IngestConfig, symbols: SymbolMap) -> dict:
     try:
         size = spec.path.stat().st_size
     except OSError as e:
@@ -177,14 +199,21 @@ def _fingerprint(spec: DatasetSpec, cfg: IngestConfig) -> dict:
     described = spec.to_config()
     described.pop("multiplier")  # used by sampling only
     return {"version": ARTIFACT_VERSION, "spec": described, "file_bytes": size,
-            "config": cfg.fingerprint()}
+            "config": cfg.fingerprint(), "symbols": symbols.digest()}
 
 
-def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig) -> dict:
+def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig, symbols: SymbolMap) -> dict:
     path = spec.path
     if spec.min_genes is not None:
         cfg = replace(cfg, min_genes=spec.min_genes)
-    with open_counts(path, cfg, spec.gene_column, spec.organism) as found:
+    if spec.min_dataset_genes is not None:
+        cfg = replace(cfg, min_dataset_genes=spec.min_dataset_genes)
+    with open_counts(path, cfg, spec.gene_column, spec.organism, symbols=symbols) as found:
+        if len(found.genes) < cfg.min_dataset_genes:
+            raise DatasetError(
+                path, f"gene panel of {len(found.genes)} genes, fewer than min_dataset_genes "
+                f"{cfg.min_dataset_genes} (a targeted panel? accept it with the sheet's "
+                "min_dataset_genes column)")
         columns = _label_sources(spec, found.obs_columns, path)
         cells = found.stream(tmp)
         codes, values = _extract_labels(found.obs, columns, cells, found.organism)
@@ -192,6 +221,10 @@ def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig) -> dict:
     _write_json(tmp / "genes.json", found.genes)
     _write_json(tmp / "label_values.json", values)
     n_input = found.shape[0]
+    dropped = {"min_genes": int(n_input - found.n_non_primary - len(cells))}
+    if found.n_non_primary:
+        dropped["non_primary"] = found.n_non_primary
+    fg = found.file_genes
     return {
         "name": spec.name,
         "path": str(path),
@@ -203,7 +236,9 @@ def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig) -> dict:
         "n_input": int(n_input),
         "n_kept": int(len(cells)),
         "n_genes": len(found.genes),
-        "dropped": {"min_genes": int(n_input - len(cells))},
+        "genes": {"n_var": len(fg.names), "id_source": fg.id_source,
+                  "symbol_source": fg.symbol_source, **found.plan.counts},
+        "dropped": dropped,
     }
 
 
@@ -216,18 +251,31 @@ class CountsFile:
     obs_columns: list[str]
     organism: Organism
     source: str  # the matrix holding the raw counts: "X", "raw.X" or "layers['<name>']"
-    genes: list[str]  # gene id of each of its columns
+    file_genes: FileGenes  # what each column of the matrix is
+    plan: GenePlan  # the columns as the organism's canonical genes
+    primary: np.ndarray | None  # bool per cell: kept by the is_primary_data rule (None: all)
     cfg: IngestConfig
     _reader: _RowReader = field(repr=False)
 
     @property
+    def genes(self) -> list[str]:
+        """Canonical gene of each column of the streamed counts."""
+        return self.plan.genes
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self._reader.shape
+        """(cells in the file, genes after mapping and merging)."""
+        return self._reader.shape[0], len(self.plan.genes)
+
+    @property
+    def n_non_primary(self) -> int:
+        return 0 if self.primary is None else int((~self.primary).sum())
 
     def stream(self, out_dir: Path, progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Validate and QC the counts chunk by chunk into ``out_dir`` (CSR ``indptr``,
-        ``indices``, ``data`` and per kept cell ``cells``, ``nnz``, ``total``, as ``.npy``);
-        returns the kept obs rows. ``progress(n)`` is called after each chunk of ``n`` rows."""
+        """Validate, map to genes and QC the counts chunk by chunk into ``out_dir`` (CSR
+        ``indptr``, ``indices``, ``data`` and per kept cell ``cells``, ``nnz``, ``total``, as
+        ``.npy``); returns the kept obs rows. ``progress(n)`` is called after each chunk of
+        ``n`` rows."""
         out = {
             "indptr": _Appender(out_dir / "indptr.npy", np.int64),
             "indices": _Appender(out_dir / "indices.npy", np.int32),
@@ -237,7 +285,7 @@ class CountsFile:
             "total": _Appender(out_dir / "total.npy", np.float32),
         }
         try:
-            _fill(self._reader, out, self.cfg, progress)
+            _fill(self._reader, out, self.cfg, self.plan, self.primary, progress)
         finally:
             for a in out.values():
                 a.close()
@@ -249,13 +297,16 @@ class CountsFile:
 @contextmanager
 def open_counts(path: str | Path, cfg: IngestConfig, gene_column: str | None = None,
                 organism: Organism | str | None = None,
-                organism_hint: str = ORGANISM_FROM_SHEET) -> Iterator[CountsFile]:
+                organism_hint: str = ORGANISM_FROM_SHEET,
+                symbols: SymbolMap | None = None) -> Iterator[CountsFile]:
     """Open an .h5ad and check what reading its counts needs, for ingest and pretrain.embed.
 
     Checks that it is AnnData; takes ``organism`` (resolved) or the file's one organism (obs,
-    then uns; ``organism_hint`` tells the user how to give one the file lacks); chooses the
-    count matrix (see the module docstring) and reads its gene ids (var names, or
-    ``gene_column`` of var), one per column. Raises DatasetError naming the file.
+    then uns), else ``cfg.organism`` (``organism_hint`` tells the user how to give one the file
+    lacks); chooses the count matrix (see the module docstring); reads its genes (var names, or
+    ``gene_column`` of var, one per column) and plans them as canonical genes through
+    ``symbols``; reads ``is_primary_data`` unless ``cfg.keep_non_primary``. Raises DatasetError
+    naming the file.
     """
     path = Path(path)
     try:
@@ -267,21 +318,38 @@ def open_counts(path: str | Path, cfg: IngestConfig, gene_column: str | None = N
             if key not in f:
                 raise DatasetError(path, f"not an AnnData file (no '{key}' group)")
         obs_cols = _columns(f["obs"], path)
-        if organism is None:
-            found = _file_organism(f, obs_cols, path, organism_hint)
-        else:
-            try:
+        try:
+            if organism is None:
+                found = _file_organism(f, obs_cols, path, organism_hint, cfg.organism)
+            else:
                 found = resolve_organism(organism)
-            except ValueError as e:
-                raise DatasetError(path, str(e)) from None
+        except ValueError as e:
+            raise DatasetError(path, str(e)) from None
         source, matrix, var = _choose_counts(f, path, cfg)
         reader = _RowReader(matrix, path, source)
         if reader.shape[0] == 0:
             raise DatasetError(path, f"no cells ({source} has 0 rows)")
-        genes = _gene_ids(var, gene_column, path, source)
-        if len(genes) != reader.shape[1]:
-            raise DatasetError(path, f"{source} has {reader.shape[1]} columns, {len(genes)} genes")
-        yield CountsFile(path, f["obs"], obs_cols, found, source, genes, cfg, reader)
+        file_genes = _file_genes(var, gene_column, path, source, found)
+        n_genes = len(file_genes.names)
+        if n_genes != reader.shape[1]:
+            raise DatasetError(path, f"{source} has {reader.shape[1]} columns, {n_genes} genes")
+        plan = plan_genes(file_genes, (symbols or SymbolMap()).get(found),
+                          cfg.drop_unmapped_genes)
+        primary = None
+        if not cfg.keep_non_primary and PRIMARY_COLUMN in obs_cols:
+            primary = _primary_cells(_read_column(f["obs"], PRIMARY_COLUMN), path)
+            if len(primary) != reader.shape[0]:
+                raise DatasetError(path, f"obs has {len(primary)} rows, {source} "
+                                         f"{reader.shape[0]}")
+        yield CountsFile(path, f["obs"], obs_cols, found, source, file_genes, plan, primary, cfg,
+                         reader)
+
+
+def scan_genes(spec: DatasetSpec, cfg: IngestConfig) -> FileGenes:
+    """What a dataset's columns are (organism, ids, symbols, features left out), read from its
+    var without its counts: the pass that collects symbol-id pairs before any ingest."""
+    with open_counts(spec.path, cfg, spec.gene_column, spec.organism) as found:
+        return found.file_genes
 
 
 # ---------------------------------------------------------------------------- counts
@@ -390,8 +458,8 @@ def _validate(values: np.ndarray, path: Path, source: str, row_of) -> None:
             )
 
 
-def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig,
-          progress: Callable[[int], None] | None) -> None:
+def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig, plan: GenePlan,
+          primary: np.ndarray | None, progress: Callable[[int], None] | None) -> None:
     out["indptr"].append(np.zeros(1, np.int64))
     offset = 0
     n = reader.shape[0]
@@ -400,10 +468,15 @@ def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig,
         m = reader.rows(start, stop)
         _validate(m.data, reader.path, reader.source,
                   lambda i, p=m.indptr, s=start: s + int(np.searchsorted(p, i, side="right")) - 1)
+        if not plan.identity:
+            m = _to_genes(m, plan)
         m.sum_duplicates()  # also sorts the column indices
         m.eliminate_zeros()
         nnz = np.diff(m.indptr)
-        keep = np.flatnonzero(nnz >= cfg.min_genes)
+        passed = nnz >= cfg.min_genes
+        if primary is not None:
+            passed &= primary[start:stop]
+        keep = np.flatnonzero(passed)
         kept = m[keep]
         out["indptr"].append(offset + np.cumsum(nnz[keep], dtype=np.int64))
         offset += int(kept.nnz)
@@ -414,6 +487,17 @@ def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig,
         out["total"].append(np.asarray(kept.sum(axis=1, dtype=np.float64)).ravel())
         if progress is not None:
             progress(stop - start)
+
+
+def _to_genes(m: sp.csr_matrix, plan: GenePlan) -> sp.csr_matrix:
+    """Columns of a chunk as the plan's genes: left-out columns removed, merged ones summed
+    (in float64, exact for integer counts, stored back as float32)."""
+    cols = plan.column[m.indices]
+    take = cols >= 0
+    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))[take]
+    merged = sp.csr_matrix((m.data[take].astype(np.float64), (rows, cols[take])),
+                           shape=(m.shape[0], len(plan.genes)))
+    return merged.astype(np.float32)
 
 
 class _Appender:
@@ -453,6 +537,30 @@ def _read_column(df: h5py.Group, name: str) -> pd.Series:
     return pd.Series(read_elem(df[name]))
 
 
+def _file_genes(var: h5py.Group, column: str | None, path: Path, source: str,
+                organism: Organism) -> FileGenes:
+    """The var table's gene names with its other text columns (ids, symbols, feature types)."""
+    names = _gene_ids(var, column, path, source)
+    text = {}
+    for col in _columns(var, path):
+        if col != column and var[col].attrs.get("encoding-type") in ("categorical",
+                                                                     "string-array"):
+            text[col] = _read_column(var, col).tolist()
+    return describe_var(organism, names, text, f"var[{column!r}]" if column else "var_names")
+
+
+def _primary_cells(values: pd.Series, path: Path) -> np.ndarray:
+    """True for cells to keep under the is_primary_data rule (missing values count as primary)."""
+    if values.dtype == bool:
+        return values.to_numpy()
+    text = values.astype(str).str.strip().str.lower()
+    bad = ~text.isin(["true", "false", "1", "0", "nan", "none", ""])
+    if bad.any():
+        raise DatasetError(path, f"obs['{PRIMARY_COLUMN}'] holds {values[bad].iloc[0]!r}; "
+                                 "expected True/False")
+    return ~text.isin(["false", "0"]).to_numpy()
+
+
 def _gene_ids(var: h5py.Group, column: str | None, path: Path, source: str) -> list[str]:
     cols = _columns(var, path)
     if column is not None:
@@ -475,9 +583,10 @@ def _gene_ids(var: h5py.Group, column: str | None, path: Path, source: str) -> l
     return genes.tolist()
 
 
-def _file_organism(f: h5py.File, obs_cols: list[str], path: Path, hint: str) -> Organism:
-    """The dataset organism from obs, then uns (schema keys); one organism per file. ``hint``
-    ends the error when there is none: how the caller's user can give it."""
+def _file_organism(f: h5py.File, obs_cols: list[str], path: Path, hint: str,
+                   default: str | None) -> Organism:
+    """The dataset organism from obs, then uns (schema keys), else ``default``; one organism per
+    file. ``hint`` ends the error when there is none: how the caller's user can give it."""
     found = None
     for key in ("organism_ontology_term_id", "organism"):
         if key in obs_cols:
@@ -492,6 +601,8 @@ def _file_organism(f: h5py.File, obs_cols: list[str], path: Path, hint: str) -> 
             value = read_elem(f["uns"][key])
             found = str(value.item() if isinstance(value, np.ndarray) else value)
             break
+    if found is None:
+        found = default
     if found is None:
         raise DatasetError(path, f"unknown organism: none in obs or uns; {hint}")
     try:

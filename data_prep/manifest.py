@@ -26,7 +26,7 @@ def build(*, cfg: BuildConfig, records, loaded, vocab: dict, labels: dict, shard
         datasets.append({
             "id": i, "name": rec.name, "path": rec.path, "organism": meta["organism"],
             "taxon": meta["taxon"], "n_input": meta["n_input"], "n_kept": meta["n_kept"],
-            "n_genes": meta["n_genes"], "multiplier": rec.multiplier,
+            "n_genes": meta["n_genes"], "genes": meta["genes"], "multiplier": rec.multiplier,
             "counts_source": meta["counts_source"], "label_columns": meta["label_columns"],
             "n_clusters": int(graph_meta.get("n_clusters", 0)),
             "graph_rule": graph_meta.get("tiny_rule", ""),

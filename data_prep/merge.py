@@ -21,14 +21,16 @@ import sys
 from pathlib import Path
 
 from data_prep.assemble import DatasetRecord, assemble
-from data_prep.build_shards import PART_FILE, mp_context, progress_factory
+from data_prep.build_shards import PART_FILE, SYMBOLS_FILE, mp_context, progress_factory
 from data_prep.config import BuildConfig
+from data_prep.genes import SymbolMap
 
 log = logging.getLogger("data_prep")
 
 
-def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfig]:
-    """Records of all datasets from the parts; checks the parts belong to one build."""
+def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfig, SymbolMap]:
+    """Records of all datasets from the parts, the build configuration and symbol map; checks
+    the parts belong to one build."""
     records: dict[int, DatasetRecord] = {}
     first = None
     for part in parts:
@@ -37,7 +39,7 @@ def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfi
             doc = json.loads((part / PART_FILE).read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{part}: no {PART_FILE}; is this worker finished?") from None
-        key = (doc["config"], doc["n_datasets"], doc["num_workers"])
+        key = (doc["config"], doc["n_datasets"], doc["num_workers"], doc["symbols"])
         if first is None:
             first = key
         elif key != first:
@@ -53,7 +55,10 @@ def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfi
     if missing:
         raise ValueError(f"{len(missing)} of {first[1]} datasets are in no part (parts of "
                          f"workers {sorted({i % first[2] for i in missing})} missing?)")
-    return [records[i] for i in sorted(records)], BuildConfig.from_dict(first[0])
+    symbols = SymbolMap.load(Path(parts[0]) / "work" / "genes" / SYMBOLS_FILE)
+    if symbols.digest() != first[3]:
+        raise ValueError(f"{parts[0]}: work/genes/{SYMBOLS_FILE} is not the one of its part.json")
+    return [records[i] for i in sorted(records)], BuildConfig.from_dict(first[0]), symbols
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        records, cfg = load_parts(args.parts)
+        records, cfg, symbols = load_parts(args.parts)
         man = assemble(Path(args.out), records, cfg, args.jobs, mp_context(),
-                       progress_factory(not args.quiet))
+                       progress_factory(not args.quiet), symbols)
     except (FileNotFoundError, ValueError, KeyError) as e:
         log.error("%s", e)
         return 1

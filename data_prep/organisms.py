@@ -2,7 +2,10 @@
 
 The gene vocabulary is namespaced by organism, so every dataset must resolve to exactly one taxon.
 The built-in table covers the 16 organisms of the reference corpus; any ``NCBITaxon:N`` id is
-accepted as well, even when it is not in the table.
+accepted as well, even when it is not in the table. The table also says what the organism's
+canonical gene ids look like (``gene_id_pattern``): its Ensembl prefix (``ENSG``, ``ENSMUSG``...),
+FlyBase ``FBgn`` ids for the fly, WormBase ``WBGene`` ids for the worm, AGI locus codes for
+Arabidopsis, B73 gene models for maize; any Ensembl gene id for taxa outside the table.
 """
 
 from __future__ import annotations
@@ -24,29 +27,41 @@ class Organism:
         return known if known is not None else cls(int(taxon), curie, curie)
 
 
-# taxon, common name, further aliases (scientific name first). Lookups are case-insensitive.
-_TABLE: tuple[tuple[int, str, tuple[str, ...]], ...] = (
-    (9606, "human", ("homo sapiens", "h. sapiens", "hsapiens")),
-    (10090, "mouse", ("mus musculus", "m. musculus", "mmusculus", "house mouse")),
-    (9544, "macaque", ("macaca mulatta", "rhesus", "rhesus macaque", "rhesus monkey")),
-    (9483, "marmoset", ("callithrix jacchus", "common marmoset")),
-    (9598, "chimpanzee", ("pan troglodytes", "chimp")),
-    (9913, "cow", ("bos taurus", "cattle", "bovine")),
-    (9823, "pig", ("sus scrofa", "swine", "sus scrofa domesticus")),
-    (9940, "sheep", ("ovis aries",)),
-    (9986, "rabbit", ("oryctolagus cuniculus", "european rabbit")),
-    (10181, "naked mole-rat", ("heterocephalus glaber", "naked mole rat")),
-    (9031, "chicken", ("gallus gallus",)),
-    (7955, "zebrafish", ("danio rerio",)),
-    (7227, "fruit fly", ("drosophila melanogaster", "fly", "drosophila", "d. melanogaster")),
-    (6239, "worm", ("caenorhabditis elegans", "c. elegans", "c elegans", "nematode")),
-    (3702, "arabidopsis", ("arabidopsis thaliana", "thale cress", "a. thaliana")),
-    (4577, "maize", ("zea mays", "corn")),
-)
+def _ensembl(prefix: str) -> str:
+    return rf"(ENS{prefix}G\d{{11}})(?:\.\d+)?"
 
-_BY_TAXON: dict[int, Organism] = {t: Organism(t, f"NCBITaxon:{t}", n) for t, n, _ in _TABLE}
+
+# taxon, common name, further aliases (scientific name first), gene id regex (group 1: the id
+# without version). Lookups of names are case-insensitive.
+_TABLE: tuple[tuple[int, str, tuple[str, ...], str], ...] = (
+    (9606, "human", ("homo sapiens", "h. sapiens", "hsapiens"), _ensembl("")),
+    (10090, "mouse", ("mus musculus", "m. musculus", "mmusculus", "house mouse"),
+     _ensembl("MUS")),
+    (9544, "macaque", ("macaca mulatta", "rhesus", "rhesus macaque", "rhesus monkey"),
+     _ensembl("MMU")),
+    (9483, "marmoset", ("callithrix jacchus", "common marmoset"), _ensembl("CJA")),
+    (9598, "chimpanzee", ("pan troglodytes", "chimp"), _ensembl("PTR")),
+    (9913, "cow", ("bos taurus", "cattle", "bovine"), _ensembl("BTA")),
+    (9823, "pig", ("sus scrofa", "swine", "sus scrofa domesticus"), _ensembl("SSC")),
+    (9940, "sheep", ("ovis aries",), _ensembl("OAR")),
+    (9986, "rabbit", ("oryctolagus cuniculus", "european rabbit"), _ensembl("OCU")),
+    (10181, "naked mole-rat", ("heterocephalus glaber", "naked mole rat"), _ensembl("HGL")),
+    (9031, "chicken", ("gallus gallus",), _ensembl("GAL")),
+    (7955, "zebrafish", ("danio rerio",), _ensembl("DAR")),
+    (7227, "fruit fly", ("drosophila melanogaster", "fly", "drosophila", "d. melanogaster"),
+     r"(FBgn\d{7})"),
+    (6239, "worm", ("caenorhabditis elegans", "c. elegans", "c elegans", "nematode"),
+     r"(WBGene\d{8})"),
+    (3702, "arabidopsis", ("arabidopsis thaliana", "thale cress", "a. thaliana"),
+     r"(AT[1-5CM]G\d{5})(?:\.\d+)?"),
+    (4577, "maize", ("zea mays", "corn"), r"(Zm\d{5}(?:d|eb)\d{6})(?:_[A-Z]\d+)?"),
+)
+_ANY_ENSEMBL = re.compile(r"(ENS[A-Z]{0,6}G\d{11})(?:\.\d+)?")
+
+_BY_TAXON: dict[int, Organism] = {t: Organism(t, f"NCBITaxon:{t}", n) for t, n, _, _ in _TABLE}
+_GENE_IDS: dict[int, re.Pattern] = {t: re.compile(p) for t, _, _, p in _TABLE}
 _BY_ALIAS: dict[str, Organism] = {}
-for _taxon, _name, _aliases in _TABLE:
+for _taxon, _name, _aliases, _ in _TABLE:
     for _alias in (_name, *_aliases):
         _BY_ALIAS[_alias] = _BY_TAXON[_taxon]
 
@@ -55,7 +70,13 @@ _CURIE = re.compile(r"^(?:ncbitaxon[:_])?(\d+)$")
 
 def known_organisms() -> list[Organism]:
     """The built-in table, in its fixed order."""
-    return [_BY_TAXON[t] for t, _, _ in _TABLE]
+    return [_BY_TAXON[t] for t, _, _, _ in _TABLE]
+
+
+def gene_id_pattern(organism: Organism) -> re.Pattern:
+    """What the organism's canonical gene ids look like (use with ``fullmatch``; group 1 is the
+    id without its version suffix)."""
+    return _GENE_IDS.get(organism.taxon, _ANY_ENSEMBL)
 
 
 def resolve_organism(value: str | int | Organism) -> Organism:

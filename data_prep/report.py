@@ -2,7 +2,8 @@
 
 Figures: expressed genes per profile (input cells vs the packed stream, share above the context
 size annotated), group frequencies and class frequencies before vs after weighting, and Leiden
-clusters per dataset. ``summary.txt`` has the cell accounting and headline shares.
+clusters per dataset. ``summary.txt`` has the cell accounting, headline shares and how each
+dataset's columns became genes.
 """
 
 from __future__ import annotations
@@ -106,6 +107,15 @@ def summary(manifest: dict, stats: dict) -> str:
         drops = ", ".join(f"{k} {v:,}" for k, v in sorted(a["dropped"].items())) or "none"
         lines.append(f"  {name}: {a['input']:,} = {a['packed']:,} + {a['held_out']:,} + "
                      f"dropped ({drops})")
+    lines += ["", "genes per dataset (columns -> genes: named by id, symbols mapped to ids, "
+                  "symbols kept unmapped, merged into another column; columns left out)"]
+    for d in manifest["datasets"]:
+        g = d["genes"]
+        left = ", ".join(f"{k.removeprefix('left_out_')} {v:,}" for k, v in sorted(g.items())
+                         if k.startswith("left_out_") and v) or "none"
+        lines.append(f"  {d['name']}: {g['n_var']:,} -> {d['n_genes']:,}: {g['by_id']:,} by id, "
+                     f"{g['mapped']:,} mapped, {g['unmapped']:,} unmapped, {g['merged']:,} "
+                     f"merged; left out: {left}")
     return "\n".join(lines) + "\n"
 
 

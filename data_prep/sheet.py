@@ -5,7 +5,7 @@ A sheet is a CSV with one row per dataset. Columns:
 - ``path`` (required): an .h5ad file, relative to the sheet's folder unless absolute.
 - ``organism``: the dataset's organism, an ``NCBITaxon:N`` id or a built-in name (see
   ``data_prep.organisms``). Empty: read it from the file (obs ``organism_ontology_term_id`` /
-  ``organism`` or the same keys in uns).
+  ``organism`` or the same keys in uns), else the build's ``--organism``.
 - one optional column per label class of ``shard_format.CLASSES`` except ``organism`` (which is
   the dataset organism above): the obs column holding that label. An empty cell means "not given":
   the CELLxGENE schema column is used if the file has it. ``-`` means the dataset has no such label.
@@ -14,6 +14,9 @@ A sheet is a CSV with one row per dataset. Columns:
 - ``multiplier`` (optional, default 1): scales the dataset's share of the sampling mass.
 - ``min_genes`` (optional): this dataset's QC threshold (expressed genes per cell), overriding
   ``--min-genes``; for files that hold only a gene panel or a slice of the transcriptome.
+- ``min_dataset_genes`` (optional): the fewest genes this dataset must measure, overriding
+  ``--min-dataset-genes`` (which rejects targeted panels); for small fixtures or a panel wanted
+  on purpose.
 
 Files given on the command line without a sheet row use the CELLxGENE schema columns.
 """
@@ -32,7 +35,8 @@ from .shard_format import CLASSES
 NO_LABEL = "-"  # sheet value: this dataset has no such label
 LABEL_CLASSES = tuple(c for c in CLASSES if c != "organism")
 SHEET_COLUMNS = (
-    "path", "organism", "name", "gene_column", "multiplier", "min_genes", *LABEL_CLASSES
+    "path", "organism", "name", "gene_column", "multiplier", "min_genes", "min_dataset_genes",
+    *LABEL_CLASSES
 )
 
 
@@ -61,6 +65,7 @@ class DatasetSpec:
     gene_column: str | None = None
     multiplier: float = 1.0
     min_genes: int | None = None  # None: the build's --min-genes
+    min_dataset_genes: int | None = None  # None: the build's --min-dataset-genes
 
     def to_config(self) -> dict:
         """JSON-able description, for the build configuration in the manifest."""
@@ -72,6 +77,7 @@ class DatasetSpec:
             "gene_column": self.gene_column,
             "multiplier": self.multiplier,
             "min_genes": self.min_genes,
+            "min_dataset_genes": self.min_dataset_genes,
         }
 
 
@@ -137,13 +143,8 @@ def _parse_row(sheet: Path, number: int, cells: dict[str, str]) -> DatasetSpec:
             raise SheetError(
                 f"{where}: multiplier must be a positive number, got {cells['multiplier']!r}"
             )
-    min_genes = None
-    if cells.get("min_genes"):
-        if not cells["min_genes"].isdigit():
-            raise SheetError(
-                f"{where}: min_genes must be a non-negative integer, got {cells['min_genes']!r}"
-            )
-        min_genes = int(cells["min_genes"])
+    min_genes, min_dataset_genes = (_count(where, cells, c)
+                                    for c in ("min_genes", "min_dataset_genes"))
     name = cells.get("name") or safe_name(path.stem)
     if not _NAME.fullmatch(name):
         raise SheetError(f"{where}: dataset name {name!r} must be letters, digits, '.', '_', '-'")
@@ -155,7 +156,18 @@ def _parse_row(sheet: Path, number: int, cells: dict[str, str]) -> DatasetSpec:
         gene_column=cells.get("gene_column") or None,
         multiplier=multiplier,
         min_genes=min_genes,
+        min_dataset_genes=min_dataset_genes,
     )
+
+
+def _count(where: str, cells: dict[str, str], column: str) -> int | None:
+    """A non-negative integer cell of the sheet (None when empty)."""
+    if not cells.get(column):
+        return None
+    if not cells[column].isdigit():
+        raise SheetError(f"{where}: {column} must be a non-negative integer, got "
+                         f"{cells[column]!r}")
+    return int(cells[column])
 
 
 def discover_inputs(

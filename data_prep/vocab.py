@@ -8,7 +8,12 @@ vocabulary never renumbers: when an organism's headroom runs out, the last range
 (nothing follows it); any other range raises ``VocabFullError`` asking for a rebuild with more
 headroom.
 
-On disk (``vocab/``): ``genes.tsv`` (``id``, ``organism``, ``gene``) and ``ranges.json``.
+Genes are the organism's canonical ids (``data_prep.genes``: Ensembl ids, or a symbol no id is
+known for). Each organism also keeps its aliases, the symbols that name its genes, so that a file
+named by symbols (a new dataset to embed, a later build) finds the same ids.
+
+On disk (``vocab/``): ``genes.tsv`` (``id``, ``organism``, ``gene``), ``aliases.tsv``
+(``organism``, ``alias``, ``gene``) and ``ranges.json``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .genes import SymbolMap
 from .organisms import Organism, resolve_organism
 
 GENES_FILE = "genes.tsv"
+ALIASES_FILE = "aliases.tsv"
+ALIASES_HEADER = "organism\talias\tgene"
 RANGES_FILE = "ranges.json"
 PAD_ID = 0
 
@@ -40,6 +48,7 @@ class OrganismRange:
     size: int
     genes: list[str] = field(default_factory=list)  # id = start + position
     index: dict[str, int] = field(default_factory=dict, repr=False)  # gene -> id
+    aliases: dict[str, str] = field(default_factory=dict, repr=False)  # symbol -> gene
 
     @property
     def end(self) -> int:
@@ -95,6 +104,17 @@ class GeneVocab:
         self.add_datasets([(organism, genes)])
         return self.lookup(organism, genes)
 
+    def add_aliases(self, symbols: SymbolMap) -> None:
+        """Keep the symbols that name genes of the vocabulary (earlier aliases stay)."""
+        for curie, r in self.ranges.items():
+            for sym, gene in sorted(symbols.maps.get(curie, {}).items()):
+                if gene in r.index and sym not in r.aliases:
+                    r.aliases[sym] = gene
+
+    def symbol_map(self) -> SymbolMap:
+        """The aliases as a ``SymbolMap``, to name a new file's genes as the vocabulary does."""
+        return SymbolMap({curie: r.aliases for curie, r in self.ranges.items()})
+
     def _size_for(self, n: int) -> int:
         c = self.cfg
         extra = max(c.min_headroom, math.ceil(c.headroom * n))
@@ -135,10 +155,11 @@ class GeneVocab:
                 return curie, r.genes[gene_id - r.start]
         raise KeyError(f"gene id {gene_id} is not assigned")
 
-    def to_manifest(self, path: str = f"vocab/{GENES_FILE}") -> dict:
-        """The manifest's ``vocab`` entry (``path`` relative to the output folder)."""
+    def to_manifest(self, folder: str = "vocab") -> dict:
+        """The manifest's ``vocab`` entry (``folder`` relative to the output folder)."""
         return {
-            "genes": path,
+            "genes": f"{folder}/{GENES_FILE}",
+            "aliases": f"{folder}/{ALIASES_FILE}",
             "n_ids": self.n_ids,
             "organisms": {
                 curie: {"taxon": r.organism.taxon, "name": r.organism.name, "start": r.start,
@@ -149,13 +170,18 @@ class GeneVocab:
 
     # -- files
     def save(self, directory: str | Path) -> None:
-        """Write ``genes.tsv`` and ``ranges.json`` atomically (each via a temporary name)."""
+        """Write ``genes.tsv``, ``aliases.tsv`` and ``ranges.json`` atomically (each via a
+        temporary name)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         lines = ["id\torganism\tgene"]
         for curie, r in self.ranges.items():
             lines.extend(f"{r.start + i}\t{curie}\t{g}" for i, g in enumerate(r.genes))
         _atomic_write(d / GENES_FILE, "\n".join(lines) + "\n")
+        aliases = [ALIASES_HEADER]
+        for curie, r in self.ranges.items():
+            aliases.extend(f"{curie}\t{a}\t{g}" for a, g in sorted(r.aliases.items()))
+        _atomic_write(d / ALIASES_FILE, "\n".join(aliases) + "\n")
         ranges = {"n_ids": self.n_ids, "config": self.cfg.__dict__,
                   "organisms": self.to_manifest()["organisms"]}
         _atomic_write(d / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
@@ -188,7 +214,25 @@ class GeneVocab:
         for curie, r in vocab.ranges.items():
             if len(r.genes) != ranges["organisms"][curie]["n_genes"] or len(r.genes) > r.size:
                 raise ValueError(f"{d}: genes.tsv and ranges.json disagree for {curie}")
+        vocab._load_aliases(d / ALIASES_FILE)
         return vocab
+
+    def _load_aliases(self, path: Path) -> None:
+        """Read ``aliases.tsv`` (absent in vocabularies written before aliases existed)."""
+        if not path.is_file():
+            return
+        rows = path.read_text(encoding="utf-8").splitlines()
+        if not rows or rows[0] != ALIASES_HEADER:
+            raise ValueError(f"{path}: missing header 'organism<TAB>alias<TAB>gene'")
+        for n, line in enumerate(rows[1:], start=2):
+            try:
+                curie, alias, gene = line.split("\t")
+                r = self.ranges[curie]
+            except (ValueError, KeyError):
+                raise ValueError(f"{path}, line {n}: malformed row {line!r}") from None
+            if gene not in r.index:
+                raise ValueError(f"{path}, line {n}: {gene!r} is not a gene of {curie}")
+            r.aliases[alias] = gene
 
 
 def _check_gene(gene: str, organism: Organism) -> None:

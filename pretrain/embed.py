@@ -5,7 +5,9 @@
 
 The model must see a cell exactly as it saw cells in training, so the file goes through the code
 that built the training data: data_prep.ingest.open_counts reads and validates the counts
-(``X``, ``layers['counts']`` or ``raw.X``, same choice, same errors), data_prep.graph.neighbours
+(``X``, ``layers['counts']`` or ``raw.X``, same choice, same errors) and names its genes as the
+training data did (Ensembl ids, symbols mapped through the aliases the model file carries,
+spike-ins and non-gene features left out), data_prep.graph.neighbours
 (HVG -> PCA -> kNN over all the file's cells and genes) finds the neighbours,
 data_prep.pack.align_sample turns each cell into a ``CellSample`` and pretrain.data.BatchBuilder
 makes the batch, with every corruption and random shape switched off (``inference_config``).
@@ -159,11 +161,11 @@ def open_cells(exported: ExportedModel, adata_path: str | Path, organism: str | 
     counts live in a temporary folder for as long as the context is open."""
     _check_neighbours(neighbours)
     path = Path(adata_path)
-    cfg = IngestConfig(min_genes=0)  # every cell gets an output row
+    cfg = IngestConfig(min_genes=0, keep_non_primary=True)  # every cell gets an output row
     with tempfile.TemporaryDirectory(prefix="scpretrain-embed-") as tmp_name:
         tmp = Path(tmp_name)
-        with open_counts(path, cfg, organism=organism,
-                         organism_hint="pass --organism") as counts_file:
+        with open_counts(path, cfg, organism=organism, organism_hint="pass --organism",
+                         symbols=exported.vocab.symbol_map()) as counts_file:
             col2gid = _match_genes(path, exported, counts_file.organism, counts_file.genes)
             with tqdm(total=counts_file.shape[0], desc="read counts", unit="cell",
                       disable=not progress) as bar:

@@ -5,11 +5,11 @@
 ZeRO checkpoints are split across ranks (and hold bf16 weights with fp32 masters); DeepSpeed's
 ``zero_to_fp32`` reassembles the fp32 masters. The file holds everything needed to apply the
 model to new data, with no run or shards folder: the weights, the model config, the gene
-vocabulary (per organism: its id range and gene names in id order), the label names of the 9
-classes, the context the model was trained with and the cell-graph settings of the shards. It is
-plain dicts, lists, strings, numbers and tensors, so ``torch.load(path, weights_only=True)``
-reads it and ``load_exported`` / ``load_model_file`` need no DeepSpeed, no process group and any
-number of devices.
+vocabulary (per organism: its id range, gene names in id order and their symbol aliases), the
+label names of the 9 classes, the context the model was trained with and the cell-graph settings
+of the shards. It is plain dicts, lists, strings, numbers and tensors, so
+``torch.load(path, weights_only=True)`` reads it and ``load_exported`` / ``load_model_file`` need
+no DeepSpeed, no process group and any number of devices.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def write_model_file(
         "train_context": int(train_context),
         "graph_config": asdict(graph_config or GraphConfig()),
         "genes": {curie: {"taxon": r.organism.taxon, "name": r.organism.name, "start": r.start,
-                          "size": r.size, "genes": list(r.genes)}
+                          "size": r.size, "genes": list(r.genes), "aliases": dict(r.aliases)}
                   for curie, r in vocab.ranges.items()},
         "labels": {cls: labels.values(cls) for cls in CLASSES},
     }
@@ -193,7 +193,7 @@ def _gene_vocab(genes: dict) -> GeneVocab:
         start, names = int(o["start"]), list(o["genes"])
         vocab.ranges[curie] = OrganismRange(
             Organism(int(o["taxon"]), curie, o["name"]), start, int(o["size"]), names,
-            {g: start + i for i, g in enumerate(names)})
+            {g: start + i for i, g in enumerate(names)}, dict(o.get("aliases", {})))
     return vocab
 
 

@@ -19,6 +19,8 @@ from data_prep import verify
 from data_prep.shard_format import CLASSES, decode_sample, load_manifest
 from data_prep.weights import group_probabilities
 
+FIXTURE = "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad"
+PANELS = {FIXTURE: 100}  # min_dataset_genes override: the 136-gene fixture is accepted
 FILES = {  # file -> (organism, cell_type column, sex column)
     "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad": ("human", "cell_type", "-"),
     "mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad": ("mouse", "cell_type_annotation",
@@ -27,7 +29,7 @@ FILES = {  # file -> (organism, cell_type column, sex column)
     "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad": ("fly", "annotation",
                                                                              "sex"),
     "arabidopsis_scplant_2000cells_7000genes_raw.h5ad": ("NCBITaxon:3702", "", ""),
-    "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad": ("", "", ""),
+    FIXTURE: ("", "", ""),
 }
 SMALL = ["mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad",
          "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad"]
@@ -44,8 +46,9 @@ def _cli(module, *args, env=None, check=True):
 
 
 def _write_sheet(path, data_dir, files):
-    lines = ["path,organism,cell_type,sex"]
-    lines += [f"{data_dir / f},{FILES[f][0]},{FILES[f][1]},{FILES[f][2]}" for f in files]
+    lines = ["path,organism,cell_type,sex,min_dataset_genes"]
+    lines += [f"{data_dir / f},{FILES[f][0]},{FILES[f][1]},{FILES[f][2]},{PANELS.get(f, '')}"
+              for f in files]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -55,11 +58,12 @@ def bad_file(tmp_path_factory):
     import pandas as pd
     import scipy.sparse as sp
 
-    x = sp.random(40, 300, density=0.9, format="csr", dtype=np.float32, random_state=0)
+    # 1,200 genes: a whole transcriptome, rejected for its counts, not as a gene panel
+    x = sp.random(40, 1200, density=0.9, format="csr", dtype=np.float32, random_state=0)
     x.data = np.round(x.data * 10) - 3  # negative counts: must be rejected
     path = tmp_path_factory.mktemp("bad") / "negative_counts.h5ad"
     ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]),
-               var=pd.DataFrame(index=[f"g{i}" for i in range(300)]),
+               var=pd.DataFrame(index=[f"g{i}" for i in range(1200)]),
                uns={"organism": "human"}).write_h5ad(path)
     return path
 
@@ -252,3 +256,84 @@ def test_verify_detects_corruption(merged):
     finally:
         shard.write_bytes(original)
     assert verify.verify(merged) == []
+
+
+def test_genes_and_cells_screened_in_the_main_build(build):
+    """The real files: one id per mouse gene across the Ensembl and the symbol file, the
+    fixture's spike-in left out and its non-primary cell dropped, all of it reported."""
+    out = build["out"]
+    man = load_manifest(out)
+    genes = {d["name"]: d["genes"] for d in man["datasets"]}
+    assert genes["mouse_stomach_intestine_MCA_scgoclust_219cells_raw"]["mapped"] == 419
+    assert genes["mouse_brain_10x_scanpy_10kcells_1000genes_raw"]["by_id"] == 1000
+    fixture = genes["human_cellxgene_schema_fixture_320cells_136genes_raw"]
+    assert fixture["left_out_spike_in"] == 1 and fixture["by_id"] == 135
+    acc = man["accounting"]["datasets"]["human_cellxgene_schema_fixture_320cells_136genes_raw"]
+    assert acc["dropped"]["non_primary"] == 1
+    rows = [line.split("\t") for line in (out / "vocab" / "genes.tsv").read_text().splitlines()]
+    human = {g for _, org, g in rows[1:] if org == "NCBITaxon:9606"}
+    assert "ERCC-00002" not in human and "ENSG00000127472" in human
+    # every stomach gene the brain file names by id is packed under that id
+    plan = out / "work" / "pack"
+    mouse = man["vocab"]["organisms"]["NCBITaxon:10090"]
+    stomach, brain = (np.load(plan / f"col2gid-{i}.npy") for i, d in enumerate(man["datasets"])
+                      if d["organism"] == "NCBITaxon:10090")
+    assert len(set(stomach) & set(brain)) == 419
+    assert ((stomach >= mouse["start"]) & (stomach < mouse["start"] + mouse["size"])).all()
+    aliases = (out / "vocab" / "aliases.tsv").read_text().splitlines()
+    assert "NCBITaxon:10090\tXkr4\tENSMUSG00000051951" in aliases
+    summary = (out / "report" / "summary.txt").read_text()
+    assert "non_primary: 1" in summary
+    assert "mouse_stomach_intestine_MCA_scgoclust_219cells_raw: 14,688 -> 14,688: 0 by id, " \
+           "419 mapped, 14,269 unmapped, 0 merged" in summary
+
+
+def test_gene_table_organism_flag_and_panels_on_the_command_line(tmp_path):
+    """Symbols mapped by --gene-table onto a file without organism (--organism), a 33-gene
+    panel rejected with its size, the accounting exact; a broken table stops the build."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    ids = [f"ENSMUSG{i:011d}" for i in range(1, 1201)]
+    symbols = [f"Gene{i}" for i in range(1, 1201)]
+
+    def write(name, genes, uns, obs=None, n_cells=60):
+        x = sp.csr_matrix(rng.poisson(0.6, size=(n_cells, len(genes))).astype(np.float32))
+        obs = pd.DataFrame(obs or {}, index=[f"c{i}" for i in range(n_cells)])
+        ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes), uns=uns).write_h5ad(
+            tmp_path / name)
+        return tmp_path / name
+
+    write("ensembl.h5ad", [f"{g}.2" for g in ids], {"source": "no organism here"})
+    primary = np.arange(60) % 10 != 0  # 6 cells published again elsewhere
+    write("symbols.h5ad", symbols[:600] + [f"Other{i}" for i in range(600)],
+          {"organism": "mouse"}, {"is_primary_data": primary})
+    write("panel.h5ad", [f"P{i}" for i in range(33)], {"organism": "human"})
+    table = tmp_path / "mouse_genes.tsv"
+    table.write_text("Gene stable ID version\tGene stable ID\tGene name\n" + "".join(
+        f"{g}.2\t{g}\t{s}\n" for g, s in zip(ids, symbols)))
+    out = tmp_path / "out"
+    args = [tmp_path / "ensembl.h5ad", tmp_path / "symbols.h5ad", tmp_path / "panel.h5ad",
+            "--organism", "mouse", "--gene-table", f"mouse={table}", "--min-genes", "50",
+            "--stream-size", "100", "--quiet"]
+    _cli("data_prep.build_shards", *args, "--out", out)
+    man = load_manifest(out)
+    assert man["vocab"]["organisms"]["NCBITaxon:10090"]["n_genes"] == 1200 + 600
+    assert [d["genes"]["mapped"] for d in man["datasets"]] == [0, 600]
+    acc = man["accounting"]["datasets"]
+    assert acc["symbols"]["dropped"]["non_primary"] == 6
+    assert acc["panel"]["dropped"] == {
+        "rejected: gene panel of 33 genes, fewer than min_dataset_genes 1000 (a targeted panel? "
+        "accept it with the sheet's min_dataset_genes column)": 60}
+    total = man["accounting"]["total"]
+    assert total["input"] == 180 == total["packed"] + total["held_out"] + sum(
+        total["dropped"].values())
+    assert man["config"]["gene_tables"] == {"NCBITaxon:10090": str(table)}
+    assert man["config"]["ingest"]["organism"] == "NCBITaxon:10090"
+    # a malformed table: the build stops before any work, naming the file and line
+    table.write_text("Gene stable ID\tGene name\nENSG00000141510\tTP53\n")
+    proc = _cli("data_prep.build_shards", *args, "--out", tmp_path / "bad", check=False)
+    assert proc.returncode == 1
+    assert f"{table}, line 2: 'ENSG00000141510' is not a mouse gene id" in proc.stderr

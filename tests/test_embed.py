@@ -22,10 +22,19 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from data_prep.genes import SymbolMap
 from data_prep.labels import LabelVocab
 from data_prep.vocab import GeneVocab
 from pretrain.data import DataConfig
-from pretrain.embed import EMBEDDING_KEY, UNS_KEY, embed_anndata, embed_cells, iter_batches, main
+from pretrain.embed import (
+    EMBEDDING_KEY,
+    UNS_KEY,
+    embed_anndata,
+    embed_cells,
+    iter_batches,
+    main,
+    open_cells,
+)
 from pretrain.export import export, load_exported, load_model_file, write_model_file
 from pretrain.model import ModelConfig, ScPrintModel
 
@@ -215,3 +224,27 @@ def test_export_and_load_errors_name_the_file(tmp_path):
         load_model_file(other)
     with pytest.raises(FileNotFoundError, match="no such model file"):
         load_exported(tmp_path / "missing.pt")
+
+
+def test_symbol_named_file_matches_a_vocabulary_of_ensembl_ids(pbmc, cells, tmp_path):
+    """Builds key genes by Ensembl id and keep the symbols as aliases; the model file carries
+    them, so a new file named by symbols still finds its genes."""
+    symbols = list(pbmc.var_names)
+    ids = [f"ENSG{i:011d}" for i in range(1, len(symbols) + 1)]
+    vocab = GeneVocab()
+    vocab.add("NCBITaxon:9606", ids)
+    vocab.add_aliases(SymbolMap({"NCBITaxon:9606": dict(zip(symbols, ids))}))
+    labels = LabelVocab()
+    labels.add("organism", ["NCBITaxon:9606"])
+    cfg = ModelConfig.preset("tiny", kernels="reference")
+    model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels()).eval()
+    path = write_model_file(tmp_path / "ensembl.pt", model.state_dict(), cfg, vocab, labels,
+                            CONTEXT)
+    exported = load_model_file(path)
+    assert exported.genes["NCBITaxon:9606"].aliases == dict(zip(symbols, ids))
+    with open_cells(exported, cells) as found:
+        summary, col2gid = found.summary(), found.col2gid
+    assert summary["n_genes"] == N_GENES and summary["n_genes_known"] == N_GENES - N_UNKNOWN
+    names = list(anndata.read_h5ad(cells, backed="r").var_names)
+    known = [j for j, n in enumerate(names) if not n.startswith("UNKNOWN-")]
+    np.testing.assert_array_equal(col2gid[known], vocab.lookup(9606, [ids[j] for j in known]))

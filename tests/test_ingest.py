@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from data_prep import ingest as ingest_mod
+from data_prep.genes import SymbolMap, read_gene_table
 from data_prep.ingest import (
     CULTURE,
     NOT_CULTURE,
@@ -44,6 +45,8 @@ def write_h5ad(path, x, genes=None, obs=None, uns=None, **kw):
 
 
 def spec_for(path, **kw):
+    """A sheet row; the small synthetic files and the 136-gene fixture are accepted as panels."""
+    kw.setdefault("min_dataset_genes", 0)
     return DatasetSpec(name=path.stem, path=path.resolve(), **kw)
 
 
@@ -247,3 +250,152 @@ def test_real_files_ingest(tmp_path, real_data):
         assert np.all(ds.nnz >= 20)
         taxa[path.name.split("_")[0]] = ds.organism.taxon
     assert taxa == {"arabidopsis": 3702, "drosophila": 7227, "human": 9606, "mouse": 10090}
+
+
+# ---------------------------------------------------------------------------- genes and cells
+
+MOUSE_BRAIN = "mouse_brain_10x_scanpy_10kcells_1000genes_raw.h5ad"  # Ensembl, symbols in var
+MOUSE_STOMACH = "mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad"  # symbols
+
+
+def write_var(path, x, var, obs=None, uns=None):
+    """An .h5ad with a full var table (gene names in its index)."""
+    obs = pd.DataFrame(obs or {}, index=[f"c{i}" for i in range(x.shape[0])])
+    ad.AnnData(X=sp.csr_matrix(x), obs=obs, var=var, uns=uns or {"organism": "mouse"}
+               ).write_h5ad(path)
+    return path
+
+
+def test_symbol_and_ensembl_files_of_one_organism_share_ids(tmp_path, real_data):
+    """The brain file's (id, symbol) pairs map the stomach file's symbols: 419 shared genes."""
+    cfg = IngestConfig(min_genes=20)
+    brain = ingest_mod.scan_genes(spec_for(real_data / MOUSE_BRAIN), cfg)
+    stomach = ingest_mod.scan_genes(spec_for(real_data / MOUSE_STOMACH), cfg)
+    assert brain.id_source == "var_names" and brain.symbol_source == "var['gene_symbol']"
+    symbols = SymbolMap.build([brain, stomach])
+    ds = ingest_dataset(spec_for(real_data / MOUSE_STOMACH), tmp_path / "stomach", cfg,
+                        symbols.restrict("mouse", stomach.symbols_to_map()))
+    assert ds.meta["genes"] == {"n_var": 14688, "by_id": 0, "mapped": 419, "unmapped": 14269,
+                                "merged": 0, "id_source": None, "symbol_source": "var_names"}
+    shared = set(ds.genes) & {g for g in brain.ids if g is not None}
+    assert len(shared) == 419 and all(g.startswith("ENSMUSG") for g in shared)
+    assert len(set(ds.genes) | set(brain.ids)) == 15269  # 15,688 when each file kept its names
+    # the brain file names every gene by id: its artifact depends on no symbol of other files
+    assert symbols.restrict("mouse", brain.symbols_to_map()).maps == {"NCBITaxon:10090": {}}
+    # renaming columns moves no count
+    plain = ingest_dataset(spec_for(real_data / MOUSE_STOMACH), tmp_path / "plain", cfg)
+    assert (plain.counts != ds.counts).nnz == 0 and np.array_equal(plain.nnz, ds.nnz)
+
+
+def test_gene_table_maps_symbols_and_merges_duplicates(tmp_path):
+    ids = [f"ENSMUSG{i:011d}" for i in range(1, 7)]
+    x = counts_matrix(n_cells=12, n_genes=6, seed=4)
+    ensembl = write_var(tmp_path / "ens.h5ad", x, pd.DataFrame(
+        index=[ids[0] + ".3", ids[1] + ".1", *ids[2:]]))  # version suffixes
+    # symbols: Gapdh and its synonym Gapd are one gene, summed; Novel is in no table
+    sym = ["Actb", "Gapdh", "Gapd", "Tp53", "Novel", "Sox2"]
+    x2 = counts_matrix(n_cells=12, n_genes=6, seed=5)
+    symbol = write_var(tmp_path / "sym.h5ad", x2, pd.DataFrame(index=sym))
+    table = tmp_path / "mouse.tsv"
+    table.write_text("Gene stable ID\tGene name\tGene Synonym\n" + "".join(
+        f"{g}\t{s}\t{syn}\n" for g, s, syn in
+        [(ids[0], "Actb", ""), (ids[1], "Gapdh", "Gapd"), (ids[2], "Trp53", "Tp53"),
+         (ids[5], "Sox2", "")]))
+    cfg = IngestConfig(min_genes=1)
+    scans = [ingest_mod.scan_genes(spec_for(p), cfg) for p in (ensembl, symbol)]
+    ens = ingest_dataset(spec_for(ensembl), tmp_path / "e", cfg, SymbolMap.build(scans))
+    assert ens.genes == ids and ens.meta["genes"]["by_id"] == 6
+    alone = ingest_dataset(spec_for(symbol), tmp_path / "s0", cfg, SymbolMap.build(scans))
+    assert not set(alone.genes) & set(ens.genes)  # no table, no pairs: nothing shared
+    symbols = SymbolMap.build(scans, {"NCBITaxon:10090": read_gene_table(table, "mouse")})
+    ds = ingest_dataset(spec_for(symbol), tmp_path / "s1", cfg, symbols)
+    assert ds.genes == [ids[0], ids[1], ids[2], "Novel", ids[5]]
+    assert ds.meta["genes"] == {"n_var": 6, "by_id": 0, "mapped": 5, "unmapped": 1, "merged": 1,
+                                "id_source": None, "symbol_source": "var_names"}
+    expected = np.column_stack([x2[:, 0], x2[:, 1] + x2[:, 2], x2[:, 3], x2[:, 4], x2[:, 5]])
+    np.testing.assert_array_equal(ds.counts.toarray(), expected[ds.cells])
+    np.testing.assert_array_equal(ds.nnz, (expected[ds.cells] > 0).sum(1))  # after merging
+    np.testing.assert_array_equal(ds.total, expected[ds.cells].sum(1))
+    dropped = ingest_dataset(spec_for(symbol), tmp_path / "s2",
+                             IngestConfig(min_genes=1, drop_unmapped_genes=True), symbols)
+    assert "Novel" not in dropped.genes and dropped.meta["genes"]["left_out_unmapped"] == 1
+
+
+def test_spike_ins_and_other_features_are_not_genes(tmp_path):
+    names = ["ENSG00000000003", "ERCC-00002", "ENSG00000000005", "CD3-TotalSeqB",
+             "ENSG00000000419", "ERCC-00130"]
+    types = ["Gene Expression"] * 3 + ["Antibody Capture", "Gene Expression", "Gene Expression"]
+    x = counts_matrix(n_cells=10, n_genes=6, seed=2)
+    x[:, 1] += 50  # spike-ins and antibodies carry many counts
+    x[:, 3] += 80
+    path = write_var(tmp_path / "cite.h5ad", x, pd.DataFrame({"feature_types": types},
+                                                               index=names),
+                     uns={"organism": "human"})
+    ds = run(tmp_path, path, IngestConfig(min_genes=1))
+    genes = [0, 2, 4]
+    assert ds.genes == [names[j] for j in genes]
+    assert ds.meta["genes"]["left_out_spike_in"] == 2
+    assert ds.meta["genes"]["left_out_not_gene_expression"] == 1
+    kept = x[:, genes]
+    np.testing.assert_array_equal(ds.nnz, (kept[ds.cells] > 0).sum(1))
+    np.testing.assert_array_equal(ds.total, kept[ds.cells].sum(1))
+
+
+def test_cellxgene_fixture_spike_in_and_non_primary_cells(tmp_path, real_data):
+    path = real_data / FIXTURE
+    ds = ingest_dataset(spec_for(path), tmp_path / "fx", IngestConfig(min_genes=0))
+    assert "ERCC-00002" not in ds.genes and len(ds.genes) == 135
+    assert ds.meta["genes"]["left_out_spike_in"] == 1
+    primary = ad.read_h5ad(path, backed="r").obs["is_primary_data"].to_numpy()
+    assert ds.meta["dropped"] == {"min_genes": 0, "non_primary": int((~primary).sum())} \
+        and (~primary).sum() == 1
+    assert primary[ds.cells].all()
+
+
+def test_non_primary_cells_dropped_and_counted(tmp_path):
+    x = counts_matrix(n_cells=12, n_genes=8, seed=1)
+    primary = np.array([True, False] * 6)
+    path = write_h5ad(tmp_path / "dup.h5ad", sp.csr_matrix(x),
+                      obs={"is_primary_data": primary})
+    nnz = (x > 0).sum(1)
+    ds = run(tmp_path, path, IngestConfig(min_genes=2))
+    keep = np.flatnonzero(primary & (nnz >= 2))
+    np.testing.assert_array_equal(ds.cells, keep)
+    assert ds.meta["dropped"] == {"non_primary": 6, "min_genes": 12 - 6 - len(keep)}
+    both = run(tmp_path, path, IngestConfig(min_genes=2, keep_non_primary=True))
+    np.testing.assert_array_equal(both.cells, np.flatnonzero(nnz >= 2))
+    assert both.meta["dropped"] == {"min_genes": int((nnz < 2).sum())}
+    text = write_h5ad(tmp_path / "text.h5ad", sp.csr_matrix(x),
+                      obs={"is_primary_data": np.where(primary, "True", "False")})
+    np.testing.assert_array_equal(run(tmp_path, text, IngestConfig(min_genes=2)).cells, keep)
+
+
+def test_gene_panel_rejected_unless_the_sheet_accepts_it(tmp_path):
+    x = counts_matrix(n_cells=10, n_genes=33, seed=6)
+    path = write_h5ad(tmp_path / "panel.h5ad", sp.csr_matrix(x))
+    spec = DatasetSpec(name="panel", path=path.resolve())  # the build's default: 1000
+    with pytest.raises(DatasetError, match="gene panel of 33 genes, fewer than "
+                                           "min_dataset_genes 1000") as err:
+        ingest_dataset(spec, tmp_path / "a", IngestConfig(min_genes=2))
+    assert str(path) in str(err.value)
+    with pytest.raises(DatasetError, match="gene panel of 33 genes"):
+        ingest_dataset(spec, tmp_path / "b", IngestConfig(min_genes=2, min_dataset_genes=34))
+    ok = ingest_dataset(spec_for(path, min_dataset_genes=33), tmp_path / "c",
+                        IngestConfig(min_genes=2))
+    assert len(ok.genes) == 33 and ok.n_cells > 0
+
+
+def test_organism_flag_for_files_without_one(tmp_path):
+    path = write_h5ad(tmp_path / "none.h5ad", counts_matrix(), uns={"other": 1})
+    with pytest.raises(DatasetError, match="--organism"):
+        run(tmp_path, path)
+    assert run(tmp_path, path, IngestConfig(min_genes=2, organism="mouse")).organism.taxon == 10090
+    # the file's own organism and the sheet's come first
+    human = write_h5ad(tmp_path / "human.h5ad", counts_matrix())
+    assert run(tmp_path, human, IngestConfig(min_genes=2, organism="mouse")).meta["taxon"] == 9606
+    fly = run(tmp_path, path, IngestConfig(min_genes=2, organism="mouse"),
+              organism=resolve_organism("fly"))
+    assert fly.meta["taxon"] == 7227
+    cxg = write_h5ad(tmp_path / "cxg.h5ad", counts_matrix(),
+                     obs={"organism_ontology_term_id": ["NCBITaxon:10090"] * 10})
+    assert run(tmp_path, cxg, IngestConfig(min_genes=2, organism="human")).meta["taxon"] == 10090

@@ -52,16 +52,19 @@ def write_sheet(path, text):
 
 def test_read_sheet(files):
     sheet = write_sheet(files / "sheet.csv",
-                        "path,organism,cell_type,sex,name,multiplier,gene_column\n"
-                        "a/x.h5ad,fruit fly,annotation,-,flies,2.5,symbol\n"
-                        f"{files / 'a/y.h5ad'},,,,,,\n")
+                        "path,organism,cell_type,sex,name,multiplier,gene_column,"
+                        "min_dataset_genes\n"
+                        "a/x.h5ad,fruit fly,annotation,-,flies,2.5,symbol,33\n"
+                        f"{files / 'a/y.h5ad'},,,,,,,\n")
     first, second = read_sheet(sheet)
     assert first.path == (files / "a/x.h5ad").resolve() and first.name == "flies"
     assert first.organism.taxon == 7227 and first.multiplier == 2.5
     assert first.label_columns == {"cell_type": "annotation", "sex": NO_LABEL}
-    assert first.gene_column == "symbol"
+    assert first.gene_column == "symbol" and first.min_dataset_genes == 33
     assert second.organism is None and second.label_columns == {} and second.multiplier == 1.0
     assert second.name == "y" and second.gene_column is None
+    assert second.min_dataset_genes is None  # the build's --min-dataset-genes
+    assert first.to_config()["min_dataset_genes"] == 33
 
 
 @pytest.mark.parametrize(
@@ -74,6 +77,8 @@ def test_read_sheet(files):
         ("path,celltype\na/x.h5ad,annotation\n", "unknown column.*celltype"),
         ("path,multiplier\na/x.h5ad,-1\n", "row 2: multiplier"),
         ("path,min_genes\na/x.h5ad,1.5\n", "row 2: min_genes must be a non-negative integer"),
+        ("path,min_dataset_genes\na/x.h5ad,-5\n",
+         "row 2: min_dataset_genes must be a non-negative integer"),
         ("path\n\n", "no dataset rows"),
     ],
 )
@@ -106,3 +111,5 @@ def test_demo_sheet_parses(real_data):
     assert specs[0].label_columns == {"cell_type": "cell_type", "sex": NO_LABEL}
     # the schema fixture and the 1000-gene mouse slice get a QC threshold of their own
     assert [s.min_genes for s in specs] == [None, 20, 20]
+    # the 136-gene schema fixture is accepted as a panel; the others are whole transcriptomes
+    assert [s.min_dataset_genes for s in specs] == [None, 100, None]

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from data_prep.genes import SymbolMap
 from data_prep.labels import LabelVocab
 from data_prep.shard_format import CLASSES
 from data_prep.vocab import GeneVocab, VocabConfig, VocabFullError
@@ -138,3 +139,30 @@ def test_label_vocab_stability(tmp_path):
     m = again.to_manifest()
     assert m["n_labels"]["cell_type"] == 3 and m["n_groups"] == 2 and m["n_pseudo_labels"] == 2
     assert m["file"] == "vocab/labels.json" and m["classes"] == list(CLASSES)
+
+
+def test_aliases_name_vocabulary_genes(tmp_path):
+    v = GeneVocab(SMALL)
+    v.add_datasets([("mouse", ["ENSMUSG00000000001", "ENSMUSG00000000002", "Novel"])])
+    v.add_aliases(SymbolMap({"NCBITaxon:10090": {"Actb": "ENSMUSG00000000001",
+                                                 "Gapdh": "ENSMUSG00000000002",
+                                                 "Absent": "ENSMUSG00000000009"},
+                             "NCBITaxon:9606": {"ACTB": "ENSG00000075624"}}))
+    r = v.ranges["NCBITaxon:10090"]
+    assert r.aliases == {"Actb": "ENSMUSG00000000001", "Gapdh": "ENSMUSG00000000002"}
+    v.save(tmp_path / "v")
+    assert (tmp_path / "v" / "aliases.tsv").read_text().splitlines() == [
+        "organism\talias\tgene", "NCBITaxon:10090\tActb\tENSMUSG00000000001",
+        "NCBITaxon:10090\tGapdh\tENSMUSG00000000002"]
+    again = GeneVocab.load(tmp_path / "v")
+    assert again.symbol_map().maps == {"NCBITaxon:10090": r.aliases}
+    assert v.to_manifest()["aliases"] == "vocab/aliases.tsv"
+    # an earlier alias is kept when the vocabulary is extended
+    again.add_aliases(SymbolMap({"NCBITaxon:10090": {"Actb": "ENSMUSG00000000002"}}))
+    assert again.ranges["NCBITaxon:10090"].aliases["Actb"] == "ENSMUSG00000000001"
+    (tmp_path / "v" / "aliases.tsv").write_text("organism\talias\tgene\n"
+                                                "NCBITaxon:10090\tX\tENSMUSG00000000777\n")
+    with pytest.raises(ValueError, match="line 2: 'ENSMUSG00000000777' is not a gene"):
+        GeneVocab.load(tmp_path / "v")
+    (tmp_path / "v" / "aliases.tsv").unlink()  # written before aliases existed: none
+    assert GeneVocab.load(tmp_path / "v").symbol_map().maps == {"NCBITaxon:10090": {}}
