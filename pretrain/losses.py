@@ -150,6 +150,12 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     b = F.normalize(b.float(), dim=-1)
     a_all, b_all = all_gather_with_grad(a), all_gather_with_grad(b)
     target = torch.arange(a.shape[0], device=a.device) + rank() * a.shape[0]
-    loss_ab = F.cross_entropy(a @ b_all.T / temperature, target)
-    loss_ba = F.cross_entropy(b @ a_all.T / temperature, target)
+    loss_ab = _cross_entropy(a @ b_all.T / temperature, target)
+    loss_ba = _cross_entropy(b @ a_all.T / temperature, target)
     return (loss_ab + loss_ba) / 2
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy as log-softmax and a gather: F.cross_entropy's CUDA NLL kernel has no
+    deterministic mode (torch refuses it under the trainer's --deterministic)."""
+    return -torch.log_softmax(logits, -1).gather(1, target[:, None]).mean()
