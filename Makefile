@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO_OUT ?= out/demo
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean gpu-wheels
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,32 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
+
+# Wheels for a GPU machine without internet that has its own torch and triton (Python 3.12,
+# manylinux x86_64): what benchmarks/gpu_check.sh installs there with --no-index --no-deps.
+# The packages this project needs beyond such an image, at the versions of this venv, and the
+# project itself; never torch or triton. DeepSpeed ships only a source archive: its wheel is
+# built here (pure Python, no pre-compiled ops).
+GPU_WHEELS ?= .whl
+GPU_WHEEL_PACKAGES := webdataset braceexpand anndata array-api-compat legacy-api-wrap natsort \
+	scverse-misc session-info2 zarr donfig google-crc32c numcodecs pynndescent igraph texttable \
+	leidenalg hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+	packaging
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+
+gpu-wheels: $(VENV)/.installed
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -c "import importlib.metadata as m, sys; \
+		print('\n'.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" \
+		$(GPU_WHEEL_PACKAGES) > $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+		deepspeed==$$($(PY) -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) .
+	@ls $(GPU_WHEELS)/*.whl | grep -E '/(torch|triton)-' && exit 1 || true
+	@du -sh $(GPU_WHEELS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -1,26 +1,31 @@
 """Kernel benchmark: fused criss-cross attention and the DeepSet encoder against their references.
 
 Criss-cross rows (B=16, H=8, M=200, D=64, bf16, N in {1024, 3200, 8000}, ~10% padded genes):
-our Triton kernels, the two-SDPA-call reference, and full attention over the N genes (SDPA, and
-flash-attn when installed; no mask, its best case) as the dense alternative.
+our Triton kernels, the two-SDPA-call reference, the same two attentions through compiled
+FlexAttention (its padding block mask built once, outside the timing), and full attention over
+the N genes (SDPA's flash kernel, and flash-attn when installed; no mask, its best case) as the
+dense alternative. Each is timed forward, backward (of a retained graph) and forward + backward.
 
 Counts (per call; e = bytes per element):
 - criss-cross FLOPs: forward 8 B H N M D (two directions, each QK^T and PV at 2 N M D);
   backward 20 B H N M D (per direction: QK^T recompute, dV, dP, dK, dQ at 2 N M D each = 2.5 x
-  forward), so forward + backward 28 B H N M D.
+  forward), so forward + backward 28 B H N M D. Padded genes are counted (the kernels skip no
+  work for them).
 - criss-cross bytes (compulsory HBM traffic): forward reads q, k, v and writes out on both sides,
   4 e B H D (N + M); backward reads q, k, v, out, d_out and writes dq, dk, dv, 8 e B H D (N + M);
   forward + backward 12 e B H D (N + M). The mask, the fp32 log-sum-exp rows and the small split
   partials are left out (under 1%).
-- full attention: forward 4 B H N^2 D FLOPs, forward + backward 14 B H N^2 D; bytes 4 e B H N D and
-  12 e B H N D.
-- roofline bound (H100 SXM, bf16 dense): t_min = max(FLOPs / 989 TFLOP/s, bytes / 3.35 TB/s);
-  "% roofline" = t_min / measured time.
+- full attention: forward 4 B H N^2 D FLOPs, backward 10 B H N^2 D, forward + backward
+  14 B H N^2 D; bytes 4 e B H N D, 8 e B H N D and 12 e B H N D.
+- roofline bound of the device (pretrain/device_peaks.py: its dense peak at the dtype and its
+  memory bandwidth; SCPRETRAIN_PEAK_TFLOPS / SCPRETRAIN_PEAK_TBPS override):
+  t_min = max(FLOPs / peak FLOP/s, bytes / peak bytes/s); "% roofline" = t_min / measured time.
 Peak memory is torch.cuda.max_memory_allocated above what was allocated before the call.
 
 Without CUDA it runs one small configuration through the Triton interpreter for correctness only
-(errors against float64 math), prints the GPU rows' FLOP/byte counts and roofline bounds, and says
-so. Run: `python benchmarks/bench_kernels.py`.
+(errors against float64 math), prints the GPU rows' FLOP/byte counts and their roofline bounds on
+an H100 SXM, and says so. Run: `python benchmarks/bench_kernels.py` (benchmarks/gpu_check.sh
+runs these rows at N = 1,024 and 3,200 as part of its GPU check).
 
 `--compile-check` compiles the criss-cross kernels' GPU launch configurations for an H100 (sm_90)
 with the Triton compiler alone (no device) and prints registers and spill bytes per thread.
@@ -45,9 +50,9 @@ from cuda_peak import peak_mib  # noqa: E402
 
 from kernels import criss_cross as cc  # noqa: E402
 from kernels import criss_cross_attention, reference_criss_cross_attention  # noqa: E402
+from pretrain.device_peaks import DevicePeak, device_peak, lookup  # noqa: E402
 
-PEAK_FLOPS = 989e12  # H100 SXM, bf16 dense tensor cores
-PEAK_BYTES = 3.35e12  # H100 SXM HBM3
+PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -64,27 +69,30 @@ class CrissCrossConfig:
     def elt(self) -> int:
         return torch.tensor([], dtype=self.dtype).element_size()
 
-    def criss_cross_counts(self) -> tuple[float, float, float, float]:
-        """(forward FLOPs, forward+backward FLOPs, forward bytes, forward+backward bytes)."""
+    def criss_cross_counts(self) -> dict[str, tuple[float, float]]:
+        """{pass: (FLOPs, bytes)} for "fwd", "bwd" and "fwd_bwd" (see the module docstring)."""
         bhd = self.batch * self.heads * self.head_dim
         nm = self.n_genes * self.n_latents
-        rows = self.n_genes + self.n_latents
-        moved = self.elt * bhd * rows
-        return 8.0 * bhd * nm, 28.0 * bhd * nm, 4.0 * moved, 12.0 * moved
+        moved = self.elt * bhd * (self.n_genes + self.n_latents)
+        return {"fwd": (8.0 * bhd * nm, 4.0 * moved), "bwd": (20.0 * bhd * nm, 8.0 * moved),
+                "fwd_bwd": (28.0 * bhd * nm, 12.0 * moved)}
 
-    def full_counts(self) -> tuple[float, float, float, float]:
+    def full_counts(self) -> dict[str, tuple[float, float]]:
         bhd = self.batch * self.heads * self.head_dim
-        n = self.n_genes
-        moved = self.elt * bhd * n
-        return 4.0 * bhd * n * n, 14.0 * bhd * n * n, 4.0 * moved, 12.0 * moved
+        nn_ = self.n_genes * self.n_genes
+        moved = self.elt * bhd * self.n_genes
+        return {"fwd": (4.0 * bhd * nn_, 4.0 * moved), "bwd": (10.0 * bhd * nn_, 8.0 * moved),
+                "fwd_bwd": (14.0 * bhd * nn_, 12.0 * moved)}
 
 
 GPU_CONFIGS = tuple(CrissCrossConfig(16, 8, n, 200, 64, torch.bfloat16) for n in (1024, 3200, 8000))
 CPU_CONFIG = CrissCrossConfig(2, 2, 100, 20, 32, torch.float32)
 
 
-def roofline_ms(flops: float, nbytes: float) -> float:
-    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES) * 1e3
+def h100_peak(dtype: torch.dtype) -> DevicePeak:
+    """The H100 SXM's table entry: the reference bound printed on machines without a GPU."""
+    entry, flops, nbytes = lookup("H100 SXM", PRECISION_OF[dtype])
+    return DevicePeak("NVIDIA H100 SXM", PRECISION_OF[dtype], flops, nbytes, f"table: {entry}")
 
 
 def make_inputs(cfg: CrissCrossConfig, device, dtype=None, seed: int = 0):
@@ -100,14 +108,46 @@ def make_inputs(cfg: CrissCrossConfig, device, dtype=None, seed: int = 0):
     return tensors, mask.to(device)
 
 
-def implementations(cfg: CrissCrossConfig) -> dict:
+def flex_criss_cross(mask: torch.Tensor):
+    """Both directions through compiled FlexAttention; the latents' key-padding block mask is
+    built once here (outside any timing), as a training step would per batch."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    b, n = mask.shape
+
+    def real_gene(b_, h_, q_, kv):
+        return mask[b_, kv]
+
+    cache = {}
+
+    def run(t, m):
+        q_x, k_x, v_x, q_z, k_z, v_z = t
+        if "block" not in cache:
+            cache["block"] = create_block_mask(real_gene, b, None, q_z.shape[2], n,
+                                               device=mask.device)
+        return flex(q_x, k_z, v_z), flex(q_z, k_x, v_x, block_mask=cache["block"])
+
+    return run
+
+
+def sdpa_flash(t, m):
+    """Full attention over the genes through SDPA's flash kernel (forced: no silent fallback)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return (F.scaled_dot_product_attention(*t[:3]),)
+
+
+def implementations(cfg: CrissCrossConfig, mask: torch.Tensor) -> dict:
     """name -> (function of (tensors, mask) returning outputs, counts)."""
     cc = cfg.criss_cross_counts()
     full = cfg.full_counts()
     impls = {
         "criss-cross triton": (lambda t, m: criss_cross_attention(*t, m), cc),
         "criss-cross sdpa reference": (lambda t, m: reference_criss_cross_attention(*t, m), cc),
-        "full attention sdpa": (lambda t, m: (F.scaled_dot_product_attention(*t[:3]),), full),
+        "criss-cross flex (compiled)": (flex_criss_cross(mask), cc),
+        "full attention sdpa flash": (sdpa_flash, full),
     }
     try:
         from flash_attn import flash_attn_func
@@ -119,7 +159,8 @@ def implementations(cfg: CrissCrossConfig) -> dict:
 
 
 
-def time_row(name: str, fn, counts, tensors, mask) -> dict:
+def time_row(name: str, fn, counts, tensors, mask, peak: DevicePeak) -> dict:
+    """ms, TFLOP/s and % of the roofline of the forward, the backward and both, and peak MiB."""
     import triton.testing
 
     grads = [torch.randn_like(o) for o in fn(tensors, mask)]
@@ -133,27 +174,34 @@ def time_row(name: str, fn, counts, tensors, mask) -> dict:
         for t in tensors:
             t.grad = None
 
-    t_f = triton.testing.do_bench(fwd)
-    t_fb = triton.testing.do_bench(fwd_bwd)
-    fl_f, fl_fb, by_f, by_fb = counts
-    bound_f, bound_fb = roofline_ms(fl_f, by_f), roofline_ms(fl_fb, by_fb)
-    return {
-        "impl": name, "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
-        "fwd_TFLOPs": fl_f / t_f / 1e9, "fwd_bwd_TFLOPs": fl_fb / t_fb / 1e9,
-        "fwd_GBs": by_f / t_f / 1e6, "fwd_bwd_GBs": by_fb / t_fb / 1e6,
-        "roofline_fwd_bwd_ms": bound_fb, "pct_roofline_fwd": 100 * bound_f / t_f,
-        "pct_roofline_fwd_bwd": 100 * bound_fb / t_fb,
-        "peak_fwd_MiB": peak_mib(fwd), "peak_fwd_bwd_MiB": peak_mib(fwd_bwd),
-    }  # fmt: skip
+    outs = fn(tensors, mask)
+
+    def bwd():
+        torch.autograd.backward(outs, grads, retain_graph=True)
+        for t in tensors:
+            t.grad = None
+
+    row = {"impl": name}
+    for part, bench in (("fwd", fwd), ("bwd", bwd), ("fwd_bwd", fwd_bwd)):
+        ms = triton.testing.do_bench(bench)
+        flops, nbytes = counts[part]
+        bound = peak.roofline_s(flops, nbytes)
+        row |= {f"{part}_ms": ms, f"{part}_TFLOPs": flops / ms / 1e9,
+                f"{part}_pct_roofline": 100 * bound * 1e3 / ms if bound else None}
+    return row | {"peak_fwd_MiB": peak_mib(fwd), "peak_fwd_bwd_MiB": peak_mib(fwd_bwd)}
 
 
-def bench_criss_cross_gpu() -> list[dict]:
+def bench_criss_cross_gpu(configs=GPU_CONFIGS) -> list[dict]:
     rows = []
-    for cfg in GPU_CONFIGS:
+    for cfg in configs:
+        peak = device_peak("cuda", PRECISION_OF[cfg.dtype])
         tensors, mask = make_inputs(cfg, "cuda")
-        for name, (fn, counts) in implementations(cfg).items():
-            row = {"N": cfg.n_genes} | time_row(name, fn, counts, tensors, mask)
-            rows.append(row)
+        for name, (fn, counts) in implementations(cfg, mask).items():
+            try:
+                row = time_row(name, fn, counts, tensors, mask, peak)
+            except Exception as e:  # an optional baseline failing must not hide the others
+                row = {"impl": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            rows.append({"N": cfg.n_genes} | row)
         del tensors, mask
         torch.cuda.empty_cache()
     return rows
@@ -185,18 +233,17 @@ def correctness_cpu(cfg: CrissCrossConfig = CPU_CONFIG) -> list[dict]:
     return rows
 
 
-def counts_table() -> list[dict]:
+def counts_table(peak: DevicePeak) -> list[dict]:
     rows = []
     for cfg in GPU_CONFIGS:
         for name, counts in (("criss-cross", cfg.criss_cross_counts()),
                              ("full attention", cfg.full_counts())):
-            fl_f, fl_fb, by_f, by_fb = counts
-            rows.append({
-                "N": cfg.n_genes, "op": name, "fwd_GFLOP": fl_f / 1e9,
-                "fwd_bwd_GFLOP": fl_fb / 1e9, "fwd_MB": by_f / 1e6, "fwd_bwd_MB": by_fb / 1e6,
-                "h100_bound_fwd_ms": roofline_ms(fl_f, by_f),
-                "h100_bound_fwd_bwd_ms": roofline_ms(fl_fb, by_fb),
-            })  # fmt: skip
+            row = {"N": cfg.n_genes, "op": name}
+            for part in ("fwd", "fwd_bwd"):
+                flops, nbytes = counts[part]
+                row |= {f"{part}_GFLOP": flops / 1e9, f"{part}_MB": nbytes / 1e6,
+                        f"bound_{part}_ms": peak.roofline_s(flops, nbytes) * 1e3}
+            rows.append(row)
     return rows
 
 
@@ -265,8 +312,10 @@ def main() -> None:
         print(format_rows(compile_check()))
         return
     if CUDA:
+        peak = device_peak("cuda", "bf16")
         print(f"Criss-cross attention on {torch.cuda.get_device_name()} "
-              "(B=16, H=8, M=200, D=64, bf16; times in ms)")
+              "(B=16, H=8, M=200, D=64, bf16; times in ms; roofline: "
+              f"{peak.source})")
         print(format_rows(bench_criss_cross_gpu()))
     else:
         cfg = CPU_CONFIG
@@ -274,9 +323,10 @@ def main() -> None:
         print(f"Criss-cross B={cfg.batch} H={cfg.heads} N={cfg.n_genes} M={cfg.n_latents} "
               f"D={cfg.head_dim} fp32, ~10% padded genes; max |err| / max |float64| per tensor:")
         print(format_rows(correctness_cpu()))
-    print("\nCounts and H100 roofline bounds of the GPU configurations "
-          f"({PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 dense, {PEAK_BYTES / 1e12:.2f} TB/s):")
-    print(format_rows(counts_table()))
+        peak = h100_peak(torch.bfloat16)
+    print(f"\nCounts and roofline bounds of the GPU configurations on {peak.device} "
+          f"({peak.flops / 1e12:.0f} TFLOP/s bf16 dense, {peak.bytes_per_s / 1e12:.2f} TB/s):")
+    print(format_rows(counts_table(peak)))
     from deepset_bench import bench_deepset  # sets TRITON_INTERPRET without CUDA, as above
 
     device = torch.cuda.get_device_name() if CUDA else "CPU (correctness only)"

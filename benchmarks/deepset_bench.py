@@ -1,4 +1,5 @@
-"""DeepSet neighbour encoder: fused Triton path vs the PyTorch reference (time, FLOP/s, memory).
+"""DeepSet neighbour encoder: fused Triton path vs the PyTorch reference, eager and under
+torch.compile (time, FLOP/s, % of roofline, memory).
 
 Figures per configuration and implementation:
 - FLOPs counted on the reference formulation, GEMMs only (the convention for TFLOP/s):
@@ -7,8 +8,10 @@ Figures per configuration and implementation:
   d x 2d GEMM), so its figure is the reference work per second, not hardware utilisation.
 - Bytes are the compulsory traffic: inputs B N (1 + K) + B K values, output B N d; forward reads
   the inputs and writes the output, forward + backward moves 3 x inputs + 2 x output.
+- "% roofline" divides the least time those FLOPs and bytes need on the device
+  (pretrain/device_peaks.py) by the measured time.
 - Peak memory is torch.cuda.max_memory_allocated above what was allocated before the call.
-On the CPU it runs one tiny configuration for correctness only (no timings).
+On the CPU it runs one tiny configuration for correctness only (no timings, no compiled row).
 Run alone: `python benchmarks/deepset_bench.py`.
 """
 
@@ -27,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cuda_peak import peak_mib  # noqa: E402
 
 from kernels.deepset import DeepSetEncoder, DeepSetEncoderReference  # noqa: E402
+from pretrain.device_peaks import device_peak  # noqa: E402
+
+PRECISION_OF = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,10 @@ def _encoders(cfg: DeepSetBenchConfig, device: torch.device):
     ref = DeepSetEncoderReference(cfg.d_model).to(device=device, dtype=cfg.dtype)
     fused = DeepSetEncoder(cfg.d_model).to(device=device, dtype=cfg.dtype)
     fused.load_state_dict(ref.state_dict())
-    return {"fused": fused, "reference": ref}
+    encoders = {"fused": fused, "reference": ref}
+    if device.type == "cuda":  # the same reference module, compiled (shares its parameters)
+        encoders["reference compiled"] = torch.compile(ref, dynamic=False)
+    return encoders
 
 
 
@@ -92,12 +101,15 @@ def _timings(enc, inputs, mask, cfg: DeepSetBenchConfig) -> dict:
             t.grad = None
 
     flops, nbytes = deepset_flops(cfg), deepset_bytes(cfg)
+    peak = device_peak(mask.device, PRECISION_OF[cfg.dtype])
     t_f = triton.testing.do_bench(fwd)
     t_fb = triton.testing.do_bench(fwd_bwd)
+    bound = peak.roofline_s(flops[1], nbytes[1])
     return {
         "fwd_ms": t_f, "fwd_bwd_ms": t_fb,
         "fwd_tflops": flops[0] / t_f / 1e9, "fwd_bwd_tflops": flops[1] / t_fb / 1e9,
         "fwd_gbs": nbytes[0] / t_f / 1e6, "fwd_bwd_gbs": nbytes[1] / t_fb / 1e6,
+        "fwd_bwd_pct_roofline": 100 * bound * 1e3 / t_fb if bound else None,
         "peak_fwd_mib": peak_mib(fwd), "peak_fwd_bwd_mib": peak_mib(fwd_bwd),
     }  # fmt: skip
 
@@ -105,7 +117,7 @@ def _timings(enc, inputs, mask, cfg: DeepSetBenchConfig) -> dict:
 def bench_deepset(configs=None) -> list[dict]:
     """One row per (configuration, implementation). On CUDA: timings and memory; on the CPU:
     only the correctness columns (relative norm differences of the output, the x_self gradient
-    and the proj.weight gradient, fused vs reference; on the fused rows)."""
+    and the proj.weight gradient against the eager reference; on the other rows)."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     configs = configs or (GPU_CONFIGS if cuda else (CPU_CONFIG,))
@@ -120,17 +132,16 @@ def bench_deepset(configs=None) -> list[dict]:
             out.backward(go)
             outs[name] = (out.detach(), x_self.grad.clone(), enc.proj.weight.grad.clone())
             x_self.grad = x_nbr.grad = dist.grad = None
+            enc.zero_grad(set_to_none=True)  # the compiled row shares the reference's weights
             del out
-        err = [
-            ((a.float() - b.float()).norm() / b.float().norm()).item()
-            for a, b in zip(outs["fused"], outs["reference"])
-        ]
         for name, enc in encoders.items():
             row = {
                 "impl": name, "B": cfg.batch, "N": cfg.n_genes, "K": cfg.n_nbr,
                 "d": cfg.d_model, "dtype": str(cfg.dtype).removeprefix("torch."),
             }  # fmt: skip
-            if name == "fused":
+            if name != "reference":
+                err = [((a.float() - b.float()).norm() / b.float().norm()).item()
+                       for a, b in zip(outs[name], outs["reference"])]
                 row |= {
                     "rel_err_out": err[0],
                     "rel_err_grad_x": err[1],

@@ -14,7 +14,14 @@ directions into one launch would save launches, not bytes.
   reading genes split N across programs and the small [splits, M, D] partials are combined.
 - Backward, split over queries: a program owns a key block, recomputes the probabilities from the
   saved log-sum-exp for its split of the queries, accumulates dK and dV on chip and adds dQ
-  (a plain store when one key block covers all keys, an fp32 atomic add otherwise).
+  (a plain store when one key block covers all keys, an fp32 atomic add otherwise). Under
+  ``torch.use_deterministic_algorithms(True)`` (the trainer's ``--deterministic``) no atomics
+  run: each key block stores its own fp32 dQ partial and the partials are summed in a fixed
+  order afterwards, so repeated backward passes give the same bits (the partials cost
+  ``key blocks x`` dQ's size in fp32 while the backward runs).
+
+Offsets: the batch, head and split parts of every address are int64 (kernels/offsets.py); within
+one (batch, head) slice they stay int32, which the wrapper checks.
 
 A batch row with no real gene gives zeros for its latents (defined, never NaN). Latent inputs may
 be expanded along the batch (stride 0): strides go to the kernels, nothing is copied, and the
@@ -29,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import triton_interpreting, use_triton
+from kernels.offsets import bh_offset, check_slice, wide
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -76,10 +84,11 @@ def _load_kv(K, V, KMASK, b, h, offs_k, offs_d, k_end, sk_b, sk_h, sk_n, sv_b, s
     k_in = offs_k < k_end
     valid = k_in
     if HAS_MASK:
-        valid = valid & (tl.load(KMASK + b * sm_b + offs_k * sm_n, mask=k_in, other=0) != 0)
-    k = tl.load(K + b * sk_b + h * sk_h + offs_k[:, None] * sk_n + offs_d[None, :],
+        valid = valid & (tl.load(KMASK + wide(b) * sm_b + offs_k * sm_n, mask=k_in,
+                                 other=0) != 0)
+    k = tl.load(K + bh_offset(b, sk_b, h, sk_h) + offs_k[:, None] * sk_n + offs_d[None, :],
                 mask=k_in[:, None], other=0.0)
-    v = tl.load(V + b * sv_b + h * sv_h + offs_k[:, None] * sv_n + offs_d[None, :],
+    v = tl.load(V + bh_offset(b, sv_b, h, sv_h) + offs_k[:, None] * sv_n + offs_d[None, :],
                 mask=k_in[:, None], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
@@ -105,7 +114,7 @@ def _attn_fwd(
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     q_in = offs_q < LQ
-    q = tl.load(Q + b * sq_b + h * sq_h + offs_q[:, None] * sq_n + offs_d[None, :],
+    q = tl.load(Q + bh_offset(b, sq_b, h, sq_h) + offs_q[:, None] * sq_n + offs_d[None, :],
                 mask=q_in[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -131,9 +140,11 @@ def _attn_fwd(
     l_safe = tl.where(empty, 1.0, l)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
-    tl.store(O + pid_s * so_s + b * so_b + h * so_h + offs_q[:, None] * so_n + offs_d[None, :],
+    o_base = wide(pid_s) * so_s + bh_offset(b, so_b, h, so_h)
+    tl.store(O + o_base + offs_q[:, None] * so_n + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=q_in[:, None])
-    tl.store(LSE + pid_s * sl_s + b * sl_b + h * sl_h + offs_q, lse, mask=q_in)
+    lse_base = wide(pid_s) * sl_s + bh_offset(b, sl_b, h, sl_h)
+    tl.store(LSE + lse_base + offs_q, lse, mask=q_in)
 
 
 @triton.jit
@@ -141,12 +152,14 @@ def _attn_bwd(
     Q, K, V, KMASK, O, DO, LSE, DQ, DK, DV,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n,
     so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sl_b, sl_h,
-    sdq_b, sdq_h, sdq_n, sdk_s, sdk_b, sdk_h, sdk_n,
+    sdq_p, sdq_b, sdq_h, sdq_n, sdk_s, sdk_b, sdk_h, sdk_n,
     H, LQ, LK, queries_per_split, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr,
     DQ_ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One key block against one split of the queries: dK, dV partials; dQ added in place."""
+    """One key block against one split of the queries: dK, dV partials; dQ added in place
+    (atomically), or stored as this key block's partial (``sdq_p``: the partials' stride, 0 when
+    there is one dQ for all key blocks)."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -159,18 +172,23 @@ def _attn_bwd(
                            sv_n, sm_b, sm_n, HAS_MASK, UPCAST)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
+    q_base = bh_offset(b, sq_b, h, sq_h)
+    o_base = bh_offset(b, so_b, h, so_h)
+    do_base = bh_offset(b, sdo_b, h, sdo_h)
+    lse_base = bh_offset(b, sl_b, h, sl_h)
+    dq_base = wide(pid_k) * sdq_p + bh_offset(b, sdq_b, h, sdq_h)
     q_lo = pid_s * queries_per_split
     q_hi = tl.minimum(q_lo + queries_per_split, LQ)
     for start in range(q_lo, q_hi, BLOCK_Q):
         offs_q = start + tl.arange(0, BLOCK_Q)
         q_in = offs_q < q_hi
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_q[:, None] * sq_n + offs_d[None, :],
+        q = tl.load(Q + q_base + offs_q[:, None] * sq_n + offs_d[None, :],
                     mask=q_in[:, None], other=0.0)
-        o = tl.load(O + b * so_b + h * so_h + offs_q[:, None] * so_n + offs_d[None, :],
+        o = tl.load(O + o_base + offs_q[:, None] * so_n + offs_d[None, :],
                     mask=q_in[:, None], other=0.0)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + offs_q[:, None] * sdo_n + offs_d[None, :],
+        do = tl.load(DO + do_base + offs_q[:, None] * sdo_n + offs_d[None, :],
                      mask=q_in[:, None], other=0.0)
-        lse = tl.load(LSE + b * sl_b + h * sl_h + offs_q, mask=q_in, other=float("inf"))
+        lse = tl.load(LSE + lse_base + offs_q, mask=q_in, other=float("inf"))
         # A row without any valid key has lse = -inf and output 0: it gets no gradient.
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         if UPCAST:
@@ -185,12 +203,13 @@ def _attn_bwd(
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-        dq_ptr = DQ + b * sdq_b + h * sdq_h + offs_q[:, None] * sdq_n + offs_d[None, :]
+        dq_ptr = DQ + dq_base + offs_q[:, None] * sdq_n + offs_d[None, :]
         if DQ_ATOMIC:
             tl.atomic_add(dq_ptr, dq, mask=q_in[:, None])
         else:
             tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=q_in[:, None])
-    dk_ptr = pid_s * sdk_s + b * sdk_b + h * sdk_h + offs_k[:, None] * sdk_n + offs_d[None, :]
+    dk_ptr = (wide(pid_s) * sdk_s + bh_offset(b, sdk_b, h, sdk_h)
+              + offs_k[:, None] * sdk_n + offs_d[None, :])
     tl.store(DK + dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])
     tl.store(DV + dk_ptr, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
 
@@ -248,6 +267,8 @@ def _attend(q, k, v, mask):
     """softmax(q k^T / sqrt(D) + mask) v for [B, H, L, D] inputs; returns (out, lse [B, H, LQ])."""
     B, H, LQ, D = q.shape
     LK = k.shape[2]
+    for t in (q, k, v):
+        check_slice("criss_cross_attention", t.shape, t.stride(), batch_dims=2)
     opts = _launch_options(q.dtype, D, backward=False)
     block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
     block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
@@ -276,8 +297,12 @@ def _attend(q, k, v, mask):
     return (weight.unsqueeze(-1) * out).sum(0).to(q.dtype), total
 
 
-def _attend_backward(q, k, v, mask, out, d_out, lse):
-    """Gradients of _attend in q, k, v (each in its input's shape, k/v dense even if expanded)."""
+def _attend_backward(q, k, v, mask, out, d_out, lse, deterministic: bool):
+    """Gradients of _attend in q, k, v (each in its input's shape, k/v dense even if expanded).
+
+    Several key blocks add to each query's dQ: with atomics by default, or (``deterministic``)
+    into one fp32 partial per key block, summed afterwards in a fixed order.
+    """
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     opts = _launch_options(q.dtype, D, backward=True)
@@ -286,8 +311,11 @@ def _attend_backward(q, k, v, mask, out, d_out, lse):
     n_k_blocks = triton.cdiv(LK, block_k)
     n_splits, queries_per_split = _splits(LQ, block_q, n_k_blocks * B * H)
     f32 = torch.float32
-    dq_atomic = n_k_blocks > 1
-    dq = torch.zeros((B, H, LQ, D), device=q.device, dtype=f32 if dq_atomic else q.dtype)
+    partials = n_k_blocks if deterministic and n_k_blocks > 1 else 1
+    dq_atomic = n_k_blocks > 1 and partials == 1
+    dq_dtype = f32 if n_k_blocks > 1 else q.dtype
+    alloc = torch.empty if partials > 1 else torch.zeros  # partials: every element is stored
+    dq = alloc((partials, B, H, LQ, D), device=q.device, dtype=dq_dtype)
     part_dtype = k.dtype if n_splits == 1 else f32
     dk = torch.empty((n_splits, B, H, LK, D), device=q.device, dtype=part_dtype)
     dv = torch.empty_like(dk)
@@ -298,14 +326,15 @@ def _attend_backward(q, k, v, mask, out, d_out, lse):
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n,
         out.stride(0), out.stride(1), out.stride(2),
         d_out.stride(0), d_out.stride(1), d_out.stride(2), lse.stride(0), lse.stride(1),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        dq.stride(0) if partials > 1 else 0, dq.stride(1), dq.stride(2), dq.stride(3),
         dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
         H, LQ, LK, queries_per_split, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
         D=D, HAS_MASK=has_mask, DQ_ATOMIC=dq_atomic, **opts,
     )
+    dq = (dq[0] if partials == 1 else dq.sum(0)).to(q.dtype)
     if n_splits == 1:
-        return dq.to(q.dtype), dk[0], dv[0]
-    return dq.to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
+        return dq, dk[0], dv[0]
+    return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -327,8 +356,11 @@ class _CrissCross(torch.autograd.Function):
         q_x, k_x, v_x, q_z, k_z, v_z, x_mask, out_x, lse_x, out_z, lse_z = ctx.saved_tensors
         d_out_x = _last_dim_contiguous(d_out_x)
         d_out_z = _last_dim_contiguous(d_out_z)
-        dq_x, dk_z, dv_z = _attend_backward(q_x, k_z, v_z, None, out_x, d_out_x, lse_x)
-        dq_z, dk_x, dv_x = _attend_backward(q_z, k_x, v_x, x_mask, out_z, d_out_z, lse_z)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        dq_x, dk_z, dv_z = _attend_backward(q_x, k_z, v_z, None, out_x, d_out_x, lse_x,
+                                            deterministic)
+        dq_z, dk_x, dv_x = _attend_backward(q_z, k_x, v_x, x_mask, out_z, d_out_z, lse_z,
+                                            deterministic)
         return dq_x, dk_x, dv_x, dq_z, dk_z, dv_z, None
 
 

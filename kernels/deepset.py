@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import nn
 
 from kernels.dispatch import use_triton
+from kernels.offsets import check_slice, wide
 
 
 class DeepSetEncoderReference(nn.Module):
@@ -129,7 +130,7 @@ def _deepset_fwd_kernel(
     s_xs_b, s_xs_n, s_xn_b, s_xn_k, s_xn_n, s_d_b, s_d_k, s_m_b, s_m_k, s_h_b, s_h_n,
     K: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(1)
+    b = wide(tl.program_id(1))  # b * batch stride passes 2^31 on large batches
     rows = tl.program_id(0) * BN + tl.arange(0, BN)
     rmask = rows < N
     cols = tl.arange(0, DP)
@@ -166,7 +167,7 @@ def _deepset_bwd_kernel(
     host: deterministic, no atomics). Input gradients are written directly; the distance gradient
     as one partial per (sample, row block, neighbour)."""
     pid = tl.program_id(0)
-    b = tl.program_id(1)
+    b = wide(tl.program_id(1))  # b * batch stride passes 2^31 on large batches
     cols = tl.arange(0, DP)
     cmask = cols < D
     w1s, b1s, g_s, be_s, wx, wd, b1n, g_n, be_n = _load_params(p_ptr, cols, DP)
@@ -257,6 +258,8 @@ class _DeepSetHidden(torch.autograd.Function):
             packed[row, :d] = vec.detach()
         mask = nbr_mask.to(torch.uint8)
         h = torch.empty(bsz, n, 2 * d, device=x_self.device, dtype=out_dtype)
+        for name, t in (("x_nbr", x_nbr), ("H", h)):
+            check_slice(f"DeepSetEncoder {name}", t.shape, t.stride(), batch_dims=1)
         _deepset_fwd_kernel[(triton.cdiv(n, bn), bsz)](
             x_self, x_nbr, dist, mask, packed, h, n, eps,
             *x_self.stride(), *x_nbr.stride(), *dist.stride(), *mask.stride(), *h.stride()[:2],

@@ -67,7 +67,12 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={
         "help": "auto (the JSON decides; 'auto' there means bf16), bf16 or fp32"})
     seed: int = 0
-    workers: int = field(default=0, metadata={"help": "loader worker processes per rank"})
+    workers: int = field(default=-1, metadata={
+        "help": "loader worker processes per rank (-1: 2 on a GPU, 0 = in-process on CPU ranks)"})
+    deterministic: bool = field(default=False, metadata={
+        "help": "bitwise-reproducible steps on GPUs (a resumed run then repeats the "
+                "uninterrupted one exactly): torch's deterministic algorithms and the "
+                "criss-cross backward without atomics; a little slower"})
     log_every: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = end)"})
     keep_ckpts: int = field(default=3, metadata={"help": "checkpoints kept (latest K)"})

@@ -1,4 +1,10 @@
-"""Rank helpers and a differentiable all-gather for losses that compare samples across ranks.
+"""Rank helpers, device-placed collectives for metrics, and a differentiable all-gather for
+losses that compare samples across ranks.
+
+NCCL reduces only tensors on the rank's GPU ("No backend type associated with device type cpu"),
+gloo those on the CPU: ``sum_across_ranks`` and ``gather_across_ranks`` take the device the
+process group serves (the engine's device) and put their tensor there, so the same call works
+under both.
 
 ``torch.distributed.all_gather`` returns tensors detached from the graph, so a contrastive loss
 built on them gives no gradient to the other ranks' embeddings (the reference system's defect).
@@ -23,6 +29,28 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def sum_across_ranks(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Elementwise sum over ranks of ``values`` (any shape), computed on ``device``.
+
+    Returns a new tensor on ``device`` (the input is not modified); read it once with
+    ``.tolist()``. Without a process group: a copy of ``values``.
+    """
+    total = values.detach().to(device=device, copy=True)
+    if is_distributed():
+        dist.all_reduce(total)
+    return total
+
+
+def gather_across_ranks(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """[world, *values.shape]: every rank's ``values`` in rank order, on ``device``."""
+    mine = values.detach().to(device=device, copy=True)
+    if not is_distributed():
+        return mine.unsqueeze(0)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts)
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

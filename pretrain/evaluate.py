@@ -14,60 +14,72 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from data_prep.shard_format import CLASSES
+from pretrain.distributed import sum_across_ranks
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """The batch's tensors on ``device`` (asynchronous from pinned memory); other values as is."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 class EvalAccumulator:
-    """Sufficient statistics of the metrics, summed over batches and then over ranks."""
+    """Sufficient statistics of the metrics, summed over batches and then over ranks.
 
-    def __init__(self, n_labels: dict[str, int]):
+    Every statistic lives on ``device`` (the model's) and ``add`` reads nothing back to the
+    host: no boolean indexing, no ``float()``, no data-dependent branch. The host sees the sums
+    once, in ``metrics``.
+    """
+
+    def __init__(self, n_labels: dict[str, int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
         self.n_labels = {c: n for c, n in n_labels.items() if n > 0}
+        f64 = dict(dtype=torch.float64, device=self.device)
         # n, sum x, sum y, sum xx, sum yy, sum xy of the corrupted positions (x = pred, y = true)
-        self.recon = torch.zeros(6, dtype=torch.float64)
+        self.recon = torch.zeros(6, **f64)
         # per class: [true positives, predicted count, true count] per label id
-        self.cls = {c: torch.zeros(3, n, dtype=torch.float64) for c, n in self.n_labels.items()}
-        self.loss_sums: dict[str, float] = {}
+        self.cls = {c: torch.zeros(3, n, **f64) for c, n in self.n_labels.items()}
+        self.loss_sums: dict[str, torch.Tensor] = {}
         self.n_batches = 0
 
     def add(self, batch: dict[str, torch.Tensor], out: dict) -> None:
+        """One batch; ``batch`` and ``out`` must be on the accumulator's device."""
         self.n_batches += 1
         for name, value in [("loss", out["loss"]), *sorted(out.get("losses", {}).items())]:
-            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + float(value)
+            total = self.loss_sums.get(name, torch.zeros((), dtype=torch.float64,
+                                                          device=self.device))
+            self.loss_sums[name] = total + value.detach().double()
         corrupted = batch["gene_mask"] & (
             (batch["input_counts"] != batch["counts"]) | batch["zeroed"][:, None])
-        x = torch.log2(1 + out["pred_mean"].detach().float()[corrupted]).double()
-        y = torch.log2(1 + batch["counts"][corrupted].float()).double()
-        self.recon += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(),
-                                   y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum()])
+        x = torch.where(corrupted, torch.log2(1 + out["pred_mean"].detach().float()), 0).double()
+        y = torch.where(corrupted, torch.log2(1 + batch["counts"].float()), 0).double()
+        self.recon += torch.stack([corrupted.sum().double(), x.sum(), y.sum(), (x * x).sum(),
+                                   (y * y).sum(), (x * y).sum()])
         for c, stats in self.cls.items():
             logits = out.get("class_logits", {}).get(c)
             if logits is None:
                 continue
-            y_true = batch["labels"][:, CLASSES.index(c)]
-            known = (y_true >= 0) & (y_true < logits.shape[1])
-            if not known.any():
-                continue
-            y_true = y_true[known]
-            y_pred = logits.detach()[known].argmax(-1)
             n = stats.shape[1]
-            stats[0] += torch.bincount(y_true[y_pred == y_true], minlength=n)[:n].double()
-            stats[1] += torch.bincount(y_pred.clamp(max=n - 1), minlength=n)[:n].double()
-            stats[2] += torch.bincount(y_true, minlength=n)[:n].double()
+            y_true = batch["labels"][:, CLASSES.index(c)]
+            known = ((y_true >= 0) & (y_true < logits.shape[1])).double()
+            y_pred = logits.detach().argmax(-1)
+            y_true = y_true.clamp(0, n - 1)
+            stats[0].scatter_add_(0, y_true, known * (y_pred == y_true))
+            stats[1].scatter_add_(0, y_pred.clamp(max=n - 1), known)
+            stats[2].scatter_add_(0, y_true, known)
 
     def all_reduce(self) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return
+        """Sum every statistic over ranks, on the accumulator's device (NCCL or gloo alike)."""
         names = sorted(self.loss_sums)
-        flat = torch.cat([self.recon,
-                          torch.tensor([self.loss_sums[k] for k in names] + [self.n_batches],
-                                       dtype=torch.float64),
+        count = torch.tensor([float(self.n_batches)], dtype=torch.float64, device=self.device)
+        flat = torch.cat([self.recon, *[self.loss_sums[k].view(1) for k in names], count,
                           *[self.cls[c].flatten() for c in sorted(self.cls)]])
-        dist.all_reduce(flat)
+        flat = sum_across_ranks(flat, self.device)
         self.recon, flat = flat[:6], flat[6:]
-        self.loss_sums = {k: float(v) for k, v in zip(names, flat[: len(names)])}
-        self.n_batches = int(flat[len(names)])
+        self.loss_sums = dict(zip(names, flat[: len(names)]))
+        self.n_batches = round(float(flat[len(names)]))
         flat = flat[len(names) + 1:]
         for c in sorted(self.cls):
             size = self.cls[c].numel()
@@ -75,13 +87,14 @@ class EvalAccumulator:
 
     def metrics(self) -> dict[str, float]:
         """Scalar metrics keyed by TensorBoard tag (classes without known labels are left out)."""
-        m = {f"eval/{k}": v / max(self.n_batches, 1) for k, v in self.loss_sums.items()}
+        m = {f"eval/{k}": float(v) / max(self.n_batches, 1) for k, v in self.loss_sums.items()}
         n, sx, sy, sxx, syy, sxy = self.recon.tolist()
         if n > 1:
             cov = sxy / n - sx * sy / n**2
             var = (sxx / n - (sx / n) ** 2) * (syy / n - (sy / n) ** 2)
             m["eval/recon_pearson"] = cov / var**0.5 if var > 0 else 0.0
-        for c, (tp, pred, true) in self.cls.items():
+        for c, stats in self.cls.items():
+            tp, pred, true = stats.cpu()
             if true.sum() == 0:
                 continue
             m[f"eval/{c}_accuracy"] = float(tp.sum() / true.sum())
@@ -92,10 +105,14 @@ class EvalAccumulator:
 
 
 def evaluate(forward: Callable[[dict], dict], batches: Iterable[dict[str, torch.Tensor]],
-             n_labels: dict[str, int], n_batches: int) -> dict[str, float]:
+             n_labels: dict[str, int], n_batches: int,
+             device: torch.device | str = "cpu") -> dict[str, float]:
     """Run ``n_batches`` forward passes without gradients (cycling ``batches`` when it is shorter:
-    every rank must make the same number of passes) and return the all-reduced metrics."""
-    acc = EvalAccumulator(n_labels)
+    every rank must make the same number of passes) and return the all-reduced metrics.
+
+    Each batch is moved to ``device`` once; the model and the accumulator both see that copy,
+    so every tensor of the evaluation is on one device."""
+    acc = EvalAccumulator(n_labels, device)
     it: Iterator = iter(batches)
     done = 0
     with torch.no_grad():
@@ -107,6 +124,7 @@ def evaluate(forward: Callable[[dict], dict], batches: Iterable[dict[str, torch.
                     raise ValueError("the evaluation stream is empty (no eval_shards?)") from None
                 it = iter(batches)
                 continue
+            batch = to_device(batch, device)
             acc.add(batch, forward(batch))
             done += 1
     acc.all_reduce()

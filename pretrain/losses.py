@@ -62,14 +62,20 @@ def hierarchy_children(hierarchy: dict, n_labels: int) -> torch.Tensor:
 def parent_logits(logits: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
     """Logits with each parent label's column replaced by logsumexp over its leaves' logits.
 
-    Computed as a matmul of shifted exponentials in float64 (no [B, parents, labels] tensor).
+    Computed as a matmul of shifted exponentials in float64 (no [B, parents, labels] tensor),
+    over every column and then selected, so no parent index list (a ``nonzero()``, a host sync)
+    is needed; leaf columns keep their logits.
     """
-    parents = children.any(1).nonzero().squeeze(1)
+    is_parent = children.any(1)
     top = logits.detach().max(1, keepdim=True).values
-    summed = torch.exp((logits - top).double()) @ children[parents].T.double()
-    out = logits.clone()
-    out[:, parents] = (torch.log(summed) + top).to(logits.dtype)
-    return out
+    summed = torch.exp((logits - top).double()) @ children.T.double()
+    lse = (torch.log(torch.where(is_parent, summed, 1.0)) + top).to(logits.dtype)
+    return torch.where(is_parent, lse, logits)
+
+
+def _one_hot(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool [B, n]; unlike F.one_hot it does not check the range of ``y`` (a host sync)."""
+    return y.unsqueeze(1) == torch.arange(n, device=y.device)
 
 
 def classification_loss(
@@ -94,7 +100,7 @@ def classification_loss(
         leaf_col = ~children.any(1)
         below = children[y]  # [B, n] leaves under the cell's label (none for a leaf label)
     is_parent_row = below.any(1) & known
-    target = F.one_hot(y, n).to(logits.dtype) * (~is_parent_row).unsqueeze(1)
+    target = _one_hot(y, n).to(logits.dtype) * (~is_parent_row).unsqueeze(1)
     weight = (leaf_col.unsqueeze(0) & ~below & known.unsqueeze(1)).to(logits.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     # Rows without a parent label take the lse over all columns (finite, then discarded) so that
@@ -127,7 +133,7 @@ def softmax_classification_loss(
     else:
         leaves = logits.masked_fill(children.any(1), float("-inf"))
         # the leaves a cell's label covers: those under a parent label, or the leaf label itself
-        target = children[y] | (F.one_hot(y, logits.shape[-1]).bool()
+        target = children[y] | (_one_hot(y, logits.shape[-1])
                                 & ~children[y].any(1, keepdim=True))
         nll = torch.logsumexp(leaves, -1) - torch.logsumexp(
             leaves.masked_fill(~target, float("-inf")), -1)
@@ -144,6 +150,12 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     b = F.normalize(b.float(), dim=-1)
     a_all, b_all = all_gather_with_grad(a), all_gather_with_grad(b)
     target = torch.arange(a.shape[0], device=a.device) + rank() * a.shape[0]
-    loss_ab = F.cross_entropy(a @ b_all.T / temperature, target)
-    loss_ba = F.cross_entropy(b @ a_all.T / temperature, target)
+    loss_ab = _cross_entropy(a @ b_all.T / temperature, target)
+    loss_ba = _cross_entropy(b @ a_all.T / temperature, target)
     return (loss_ab + loss_ba) / 2
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy as log-softmax and a gather: F.cross_entropy's CUDA NLL kernel has no
+    deterministic mode (torch refuses it under the trainer's --deterministic)."""
+    return -torch.log_softmax(logits, -1).gather(1, target[:, None]).mean()

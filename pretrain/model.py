@@ -34,11 +34,6 @@ from pretrain.losses import (
     zinb_nll,
 )
 
-try:  # optional: dense attention through flash-attn when installed
-    from flash_attn import flash_attn_varlen_func
-except ImportError:  # pragma: no cover - depends on the environment
-    flash_attn_varlen_func = None
-
 N_CELL_TOKENS = 1 + len(CLASSES)
 LN_EPS = 1e-6
 INIT_STD = 0.02
@@ -139,21 +134,11 @@ class Mlp(nn.Sequential):
 def full_attention(q, k, v, mask: torch.Tensor) -> torch.Tensor:
     """Dense attention over genes ([B, H, N, D]); keys at padding (mask False) are ignored.
 
-    flash-attn's variable-length kernel when installed and the tensors are half precision on
-    CUDA (padding positions then get a zero output), otherwise SDPA with a boolean key mask.
+    SDPA with a boolean key mask (on CUDA its memory-efficient kernel). Unpadding for
+    flash-attn's variable-length kernel would need the real positions on the host (a
+    ``nonzero()`` and a max length, two device syncs per layer), so the forward stays sync-free
+    and flash-attn is only the benchmarks' dense baseline.
     """
-    if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16,
-                                                                        torch.bfloat16):
-        b, h, n, d = q.shape
-        lens = mask.sum(1, dtype=torch.int32)
-        cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-        idx = mask.flatten().nonzero().squeeze(1)
-        unpad = lambda t: t.transpose(1, 2).reshape(b * n, h, d)[idx]
-        longest = int(lens.max())
-        out = flash_attn_varlen_func(unpad(q), unpad(k), unpad(v), cu, cu, longest, longest)
-        full = q.new_zeros(b * n, h, d)
-        full[idx] = out
-        return full.view(b, n, h, d).transpose(1, 2)
     keep = mask | ~mask.any(1, keepdim=True)  # a row without genes attends everywhere: no NaN
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
 

@@ -34,11 +34,14 @@ import torch.distributed as dist  # noqa: E402
 from data_prep.labels import LabelVocab  # noqa: E402
 from data_prep.shard_format import CLASSES, load_manifest  # noqa: E402
 from pretrain.config import TrainConfig, parse_train_config  # noqa: E402
-from pretrain.evaluate import evaluate  # noqa: E402
+from pretrain.device_peaks import DevicePeak, device_peak  # noqa: E402
+from pretrain.distributed import gather_across_ranks, sum_across_ranks  # noqa: E402
+from pretrain.evaluate import evaluate, to_device  # noqa: E402
 
 CKPT_DIR = "checkpoints"
-# Dense bf16 peak of one device, for MFU when --peak-tflops is not given.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Loader worker processes per rank when --workers is left at -1: batches are assembled beside a
+# GPU step; CPU ranks share the cores with the step, so they assemble in-process.
+AUTO_WORKERS_CUDA = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,16 +132,14 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def memory_per_rank(engine) -> torch.Tensor:
-    """[world, 4] bytes per rank: resident set size, peak accelerator memory, and the parameter
-    and optimizer-state bytes the rank holds (``state_bytes``)."""
+def memory_per_rank(engine) -> list[list[float]]:
+    """[world][4] bytes per rank: resident set size, peak accelerator memory, and the parameter
+    and optimizer-state bytes the rank holds (``state_bytes``); gathered on the engine's device."""
     cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     held = state_bytes(engine)
     mine = torch.tensor([psutil.Process().memory_info().rss, cuda, held["param_bytes"],
                          held["optim_bytes"]], dtype=torch.float64)
-    parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, mine)
-    return torch.stack(parts)
+    return gather_across_ranks(mine, engine.device).tolist()
 
 
 def state_bytes(engine) -> dict[str, int]:
@@ -239,15 +240,25 @@ def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -
     return hierarchy
 
 
-def peak_flops(cfg: TrainConfig) -> float:
-    if cfg.peak_tflops > 0:
-        return cfg.peak_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return 0.0
+def run_peak(cfg: TrainConfig, bf16: bool, device: torch.device) -> DevicePeak:
+    """The device's peak at the run's matmul precision (bf16, else TF32 or plain fp32 as torch
+    is set), or ``--peak-tflops``; MFU is logged only when it is known."""
+    if bf16:
+        precision = "bf16"
+    else:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return device_peak(device, precision, peak_tflops=cfg.peak_tflops or None)
+
+
+def make_deterministic() -> None:
+    """Same inputs, same bits: torch's deterministic algorithms (the criss-cross backward then
+    sums dQ partials instead of adding them with atomics, SDPA's memory-efficient backward takes
+    its deterministic path), cuBLAS with a fixed workspace, no cuDNN autotuning. Strict, not
+    warn-only: an op without a deterministic version stops the run with torch's error naming it,
+    rather than breaking the promise silently. Called before any CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 class Trainer:
@@ -262,14 +273,17 @@ class Trainer:
         self.cfg = cfg
         self.run = Path(cfg.out)
         self.ckpt_dir = self.run / CKPT_DIR
-        if not torch.cuda.is_available():
+        if cfg.deterministic:
+            make_deterministic()
+        cuda = torch.cuda.is_available()
+        if cuda:  # before the process group: NCCL and barrier() use the current device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
             # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks when it starts
             # (minutes on a small machine); it serves inference_all_reduce only, never training.
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         self.manifest = load_manifest(cfg.shards)
         self.n_labels = dict(self.manifest["labels"]["n_labels"])
 
@@ -293,10 +307,11 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.device = self.engine.device
 
+        workers = cfg.workers if cfg.workers >= 0 else (AUTO_WORKERS_CUDA if cuda else 0)
         self.data_cfg = DataConfig(shards=cfg.shards, context=cfg.context,
                                    short_context_min=min(cfg.context, DataConfig.short_context_min),
                                    batch_size=cfg.batch_size, views=cfg.views, seed=cfg.seed,
-                                   num_workers=cfg.workers)
+                                   num_workers=workers, pin_memory=cuda)
         self.loader = CellLoader(self.data_cfg, self.rank, self.world)
         self.step = load_checkpoint(self.engine, self.ckpt_dir, self.loader) if cfg.resume else 0
         self.batches = iter(self.loader)
@@ -309,7 +324,10 @@ class Trainer:
 
             # purge_step drops events a killed run wrote after its last checkpoint
             self.writer = SummaryWriter(str(self.run / "tb"), purge_step=self.step + 1)
-        self.peak = peak_flops(cfg)
+        self.peak = run_peak(cfg, self.ds_config["bf16"]["enabled"], self.device)
+        if self.rank == 0 and not self.peak.flops:
+            print(f"[train] no peak FLOP/s known for {self.peak.device}: MFU not logged "
+                  "(give --peak-tflops or SCPRETRAIN_PEAK_TFLOPS)", flush=True)
 
     def _write_config(self) -> None:
         resolved = {"train": asdict(self.cfg), "model": asdict(self.model_cfg),
@@ -320,64 +338,70 @@ class Trainer:
         tmp.write_text(json.dumps(resolved, indent=1, default=str))
         os.replace(tmp, self.run / "config.json")
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
-
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums."""
-        sums: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # this step's lr
+    def train_step(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums: the
+        loss terms as float64 tensors on the device (nothing is read back to the host here) and
+        the host-side counts (lr, cells, tokens, FLOPs)."""
+        losses: dict[str, torch.Tensor] = {}
+        counts: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # this step's lr
         for _ in range(self.cfg.grad_accum):
             # torch's DataLoader draws from the global RNG when its iterator starts: keep that
             # out of the training stream, or a resumed run's dropout would shift by one draw.
             with torch.random.fork_rng(devices=[]):
-                batch = self._to_device(next(self.batches))
-            out = self.engine(batch)
+                host = next(self.batches)
+            cells, length = host["gene_ids"].shape
+            views = 2 if "input_counts_2" in host else 1
+            counts["cells"] = counts.get("cells", 0.0) + cells
+            counts["tokens"] = counts.get("tokens", 0.0) + float(host["gene_mask"].sum())
+            counts["flops"] = counts.get("flops", 0.0) + cells * views * float(
+                self.engine.module.flops_per_cell(length, training=True))
+            out = self.engine(to_device(host, self.device))
             self.engine.backward(out["loss"])
             self.engine.step()
             for name, value in [("total", out["loss"]), *out["losses"].items()]:
                 key = f"loss/{name}"
-                sums[key] = sums.get(key, 0.0) + float(value.detach()) / self.cfg.grad_accum
-            cells, length = batch["gene_ids"].shape
-            views = 2 if "input_counts_2" in batch else 1
-            sums["cells"] = sums.get("cells", 0.0) + cells
-            sums["tokens"] = sums.get("tokens", 0.0) + float(batch["gene_mask"].sum())
-            sums["flops"] = sums.get("flops", 0.0) + cells * views * float(
-                self.engine.module.flops_per_cell(length, training=True))
-        return sums
+                term = value.detach().double() / self.cfg.grad_accum
+                losses[key] = losses[key] + term if key in losses else term
+        return losses, counts
 
-    def log(self, sums: dict[str, float], seconds: float) -> None:
-        """All ranks: reduce the step's sums; rank 0 writes the scalars."""
-        sums = {**sums, "corrupt_shards": float(self.loader.stats["corrupt_shards"]),
-                "lr": sums["lr"] / self.world}  # lr is the same on every rank
-        names = sorted(sums)
-        flat = torch.tensor([sums[k] for k in names] + [seconds], dtype=torch.float64)
-        dist.all_reduce(flat)
-        total = dict(zip(names, flat.tolist()))
-        seconds = float(flat[-1]) / self.world
+    def log(self, losses: dict[str, torch.Tensor], counts: dict[str, float],
+            seconds: float) -> float:
+        """All ranks: sum the step's figures over ranks on the engine's device (one collective,
+        one read back to the host); rank 0 writes the scalars. Returns the mean total loss."""
+        counts = {**counts, "corrupt_shards": float(self.loader.stats["corrupt_shards"]),
+                  "lr": counts["lr"] / self.world, "seconds": seconds / self.world}
+        loss_names, count_names = sorted(losses), sorted(counts)
+        host = torch.tensor([counts[k] for k in count_names], dtype=torch.float64)
+        flat = torch.cat([torch.stack([losses[k] for k in loss_names]).to(self.device),
+                          host.to(self.device)])
+        total = dict(zip(loss_names + count_names,
+                         sum_across_ranks(flat, self.device).tolist()))
+        seconds = total["seconds"]
         memory = memory_per_rank(self.engine)
         grad_norm = self.engine.get_global_grad_norm()
+        mean_loss = total["loss/total"] / self.world
         if self.writer is None:
-            return
+            return mean_loss
         w, step = self.writer, self.step
-        for name in names:
-            if name.startswith("loss/"):
-                w.add_scalar(name, total[name] / self.world, step)
+        for name in loss_names:
+            w.add_scalar(name, total[name] / self.world, step)
         w.add_scalar("opt/lr", total["lr"], step)
         if grad_norm is not None:
             w.add_scalar("opt/grad_norm", float(grad_norm), step)
         w.add_scalar("perf/cells_per_s", total["cells"] / seconds, step)
         w.add_scalar("perf/tokens_per_s", total["tokens"] / seconds, step)
         w.add_scalar("perf/tflops_per_s", total["flops"] / seconds / 1e12, step)
-        if self.peak > 0:
-            w.add_scalar("perf/mfu", total["flops"] / seconds / (self.peak * self.world), step)
-        for r, (rss, cuda, param, optim) in enumerate(memory.tolist()):
+        if self.peak.flops:
+            w.add_scalar("perf/mfu", total["flops"] / seconds / (self.peak.flops * self.world),
+                         step)
+        for r, (rss, cuda, param, optim) in enumerate(memory):
             w.add_scalar(f"memory/rss_gib/rank{r}", rss / 2**30, step)
             w.add_scalar(f"memory/param_mib/rank{r}", param / 2**20, step)
             w.add_scalar(f"memory/optim_mib/rank{r}", optim / 2**20, step)
             if cuda > 0:
                 w.add_scalar(f"memory/cuda_max_gib/rank{r}", cuda / 2**30, step)
         w.add_scalar("data/corrupt_shards", total["corrupt_shards"], step)
+        return mean_loss
 
     def run_eval(self) -> None:
         from pretrain.data import CellLoader
@@ -387,8 +411,8 @@ class Trainer:
         saved = rng_state()  # evaluation must not shift the training run's random streams
         loader = CellLoader(replace(self.data_cfg, split="eval"), self.rank, self.world)
         self.engine.eval()
-        metrics = evaluate(lambda b: self.engine(self._to_device(b)), loader, self.n_labels,
-                           self.cfg.eval_batches)
+        metrics = evaluate(self.engine, loader, self.n_labels, self.cfg.eval_batches,
+                           self.device)
         self.engine.train()
         set_rng_state(saved)
         if self.writer is not None:
@@ -397,27 +421,46 @@ class Trainer:
             print(f"[eval] step {self.step} " + " ".join(
                 f"{k.split('/', 1)[1]}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
 
+    def _clock(self) -> float:
+        """Wall time once the device has finished the work queued so far (the steps run
+        asynchronously: without the wait, a timed window would hold only their launch)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def fit(self) -> None:
+        """Train to ``max_steps``. Throughput covers the steps of each logging window (the
+        device synchronises once per window); evaluation and checkpoints are not timed."""
         cfg = self.cfg
         if self.rank == 0 and self.step:
             print(f"[train] resumed from step {self.step}", flush=True)
         self.engine.train()
+        window: dict[str, float] = {}
+        seconds, start = 0.0, self._clock()
         while self.step < cfg.max_steps:
-            start = time.perf_counter()
-            sums = self.train_step()
+            losses, counts = self.train_step()
             self.step += 1
+            window = {k: v if k == "lr" else window.get(k, 0.0) + v for k, v in counts.items()}
+            evaluates = bool(cfg.eval_every and self.step % cfg.eval_every == 0)
+            saves = bool((cfg.ckpt_every and self.step % cfg.ckpt_every == 0)
+                         or self.step == cfg.max_steps)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                self.log(sums, time.perf_counter() - start)
+                now = self._clock()
+                loss = self.log(losses, window, seconds + now - start)
+                window, seconds, start = {}, 0.0, time.perf_counter()
                 if self.rank == 0:
-                    print(f"[train] step {self.step} loss {sums['loss/total']:.6f} (rank 0)",
-                          flush=True)
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    print(f"[train] step {self.step} loss {loss:.6f} (mean of ranks)", flush=True)
+            if evaluates or saves:
+                seconds += self._clock() - start
+            if evaluates:
                 self.run_eval()
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:
+            if saves:
                 save_checkpoint(self.engine, self.ckpt_dir, self.step, self.loader,
                                 cfg.keep_ckpts)
                 if self.rank == 0:
                     print(f"[train] checkpoint step {self.step}", flush=True)
+            if evaluates or saves:
+                start = time.perf_counter()
         if self.writer is not None:
             self.writer.close()
 

@@ -203,3 +203,46 @@ def test_gpu_configurations_compile_for_h100(repo_root):
     assert len(rows) == 8
     for kernel, dtype, d, *_, spill, _shared in rows:
         assert dtype != "bf16" or spill == "0", f"{kernel} bf16 D={d} spills {spill} bytes"
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test (the trainer's --deterministic)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def _record_dq_modes(monkeypatch) -> list[bool]:
+    """Spy on the backward kernel's launches: DQ_ATOMIC of each."""
+    modes, real = [], cc._attn_bwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                modes.append(kwargs["DQ_ATOMIC"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(cc, "_attn_bwd", Spy())
+    return modes
+
+
+def test_deterministic_backward_sums_partials_without_atomics(monkeypatch, deterministic):
+    """GPU tiles (several key blocks on both sides): no atomic dQ, gradients within the fp32
+    tolerance of float64 math, and two backward passes equal bit for bit."""
+    monkeypatch.setattr(cc, "triton_interpreting", lambda: False)
+    modes = _record_dq_modes(monkeypatch)
+    outs, grads, (genes, latents, mask, d_out) = _compare(
+        torch.float32, 2, 2, 150, 70, 32, "random", False, seed=11, tol=FP32_TOL)
+    assert modes == [False, False]
+    _, again = _run(criss_cross_attention, genes, latents, mask, d_out)
+    for first, second in zip(grads, again):
+        assert torch.equal(first, second)
+    torch.use_deterministic_algorithms(False)
+    modes.clear()
+    _, fast = _run(criss_cross_attention, genes, latents, mask, d_out)
+    assert modes == [True, True]  # the default path does add dQ atomically here
+    for first, second in zip(grads, fast):
+        assert _rel_err(second, first) <= FP32_TOL

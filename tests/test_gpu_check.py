@@ -1,0 +1,70 @@
+"""benchmarks/gpu_check.sh: its --cpu steps end to end (so the GPU check cannot rot), and its
+installation guard on a machine that lacks packages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _env(repo: Path) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(repo / ".numba_cache"))
+    env.pop("TRITON_INTERPRET", None)  # the script sets what each step needs
+    return env
+
+
+def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
+    """Interpreter kernels against float64, repeated backward, DeepSet correctness, and a
+    one-process trainer (gloo) with evaluation, checkpoint, kill and resume: the resumed losses
+    equal the uninterrupted run's."""
+    out = tmp_path / "check"
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(out)],
+                         cwd=repo_root, env=_env(repo_root), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert {"device", "kernels", "trainer"} <= set(result)
+    assert result["verdict"] == "PASS"
+    kernels = result["kernels"]
+    assert {r["dtype"] for r in kernels["correctness"]} == {"float32", "bfloat16"}
+    for row in kernels["correctness"]:
+        assert row["ok"] and 0 < row["max_rel_err"] <= row["tol"], row
+        assert {"dq_x", "dk_x", "dv_x", "dq_z", "dk_z", "dv_z"} <= set(row)
+    assert kernels["determinism"]["deterministic_bitwise_equal"] is True
+    assert kernels["deepset"][0]["rel_err_out"] < 1e-5
+    trainer = result["trainer"]
+    assert trainer["backend"] == "gloo"
+    runs = trainer["runs"]
+    assert runs["criss_cross_killed"]["stopped"] is True
+    assert runs["criss_cross_killed"]["checkpoints_left"] == ["step00000002"]
+    assert runs["criss_cross"]["cells_per_s"] > 0 and runs["full"]["tokens_per_s"] > 0
+    assert len(runs["criss_cross"]["eval_loss"]) == 2
+    resume = trainer["resume"]
+    assert resume["resumed_from_step"] == 2 and resume["steps_compared"] == 4
+    assert resume["losses_match_bitwise"] and resume["eval_losses_match"]
+    assert "-- trainer: tiny" in run.stdout and "verdict: PASS" in run.stdout
+
+
+@pytest.fixture
+def bare_python(tmp_path) -> str:
+    """A Python without this project's packages (a fresh venv without site packages)."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return str(venv / "bin" / "python")
+
+
+def test_missing_packages_without_wheels_is_a_clear_error(repo_root, tmp_path, bare_python):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    env = _env(repo_root) | {"PYTHON": bare_python, "SCPRETRAIN_WHEELS": str(wheels)}
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "holds no wheels" in run.stderr and "make gpu-wheels" in run.stderr
+    (wheels / "torch-2.11.0-cp312-cp312-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=repo_root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "torch or triton wheel" in run.stderr
