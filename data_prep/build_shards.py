@@ -3,7 +3,7 @@
     python -m data_prep.build_shards [INPUT.h5ad|DIR ...] [--sheet SHEET.csv] --out OUT
 
 Stages: ingest each dataset (validate, QC, CSR) -> cell graph per dataset (PCA, kNN, Leiden,
-pseudo-labels) -> gene and label vocabularies -> sampling weights -> the epoch's weighted stream ->
+pseudo-labels) -> gene and label vocabularies -> sampling weights -> each epoch's weighted stream ->
 tar shards -> OUT/manifest.json -> OUT/report/. The per-dataset stages run in ``--jobs``
 processes. Every stage resumes: rerun the same command after a crash or ``kill -9`` and it
 finishes with byte-identical output. A bad dataset is logged, counted as "rejected: <problem>" in
@@ -35,6 +35,7 @@ from data_prep.assemble import DatasetRecord, assemble
 from data_prep.config import BuildConfig, add_config_flags, config_from_args
 from data_prep.graph import build_graph
 from data_prep.ingest import DatasetError, ingest_dataset
+from data_prep.pack import check_eval_datasets, held_out_cells
 from data_prep.sheet import DatasetSpec, SheetError, discover_inputs
 
 log = logging.getLogger("data_prep")
@@ -83,7 +84,8 @@ def process_dataset(spec: DatasetSpec, work: Path, cfg: BuildConfig) -> dict:
     try:
         ds = ingest_dataset(spec, d / "ingest", cfg.ingest)
         if ds.n_cells:
-            build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed)
+            held = held_out_cells(spec.name, ds.n_cells, cfg.pack, cfg.seed)
+            build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed, held=held)
     except Exception as e:
         if cfg.strict:
             raise
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = discover_inputs(args.inputs, args.sheet)
         given = given_paths(specs, args.inputs, args.sheet)
+        check_eval_datasets(cfg.pack, [s.name for s in specs])
         indices = list(range(args.worker_index, len(specs), args.num_workers))
         records = run_datasets(specs, given, indices, out / "work" / "datasets", cfg, args.jobs,
                                progress)

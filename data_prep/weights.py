@@ -23,6 +23,9 @@ DEPTH_SLOPE = 0.003
 DEPTH_MIDPOINT = 2000.0
 CURRICULUM_OFFSET = 5.0
 CURRICULUM_SPAN = 15.0
+# Whether an annotated cell type is one group across datasets (True) or one per dataset and
+# Leiden cluster (False); the measurement behind the default is in docs/training.md.
+POOL_CELL_TYPES = False
 
 
 def group_weight(n_c, S: float = GROUP_SCALE, gamma: float = 1.0) -> np.ndarray:
