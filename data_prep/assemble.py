@@ -73,7 +73,7 @@ def assemble(out: Path, records: list[DatasetRecord], cfg: BuildConfig, jobs: in
     ``--epochs`` draws and packs only the new ones, byte-identical to packing them at once.
     """
     records = sorted(records, key=lambda r: r.index)
-    pack.check_eval_datasets(cfg.pack, [r.name for r in records])
+    pack.check_pack_config(cfg.pack, [r.name for r in records])
     loaded = [_load(r) for r in records if r.status == "ok"]
     vocab, labels = _vocabularies(cfg, loaded)
     n_total = sum(x.ds.n_cells for x in loaded)

@@ -35,7 +35,7 @@ from data_prep.assemble import DatasetRecord, assemble
 from data_prep.config import BuildConfig, add_config_flags, config_from_args
 from data_prep.graph import build_graph
 from data_prep.ingest import DatasetError, ingest_dataset
-from data_prep.pack import check_eval_datasets, held_out_cells
+from data_prep.pack import check_pack_config, held_out_cells
 from data_prep.sheet import DatasetSpec, SheetError, discover_inputs
 
 log = logging.getLogger("data_prep")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = discover_inputs(args.inputs, args.sheet)
         given = given_paths(specs, args.inputs, args.sheet)
-        check_eval_datasets(cfg.pack, [s.name for s in specs])
+        check_pack_config(cfg.pack, [s.name for s in specs])
         indices = list(range(args.worker_index, len(specs), args.num_workers))
         records = run_datasets(specs, given, indices, out / "work" / "datasets", cfg, args.jobs,
                                progress)

@@ -123,7 +123,8 @@ FLAGS: dict[str, tuple[str | None, str, str]] = {
     "--eval-fraction": ("pack", "eval_fraction",
                         "share of each dataset's cells held out into eval shards"),
     "--eval-datasets": ("pack", "eval_datasets",
-                        "datasets held out whole into eval shards (names as in the manifest)"),
+                        "datasets held out whole into eval shards (names as in the manifest; "
+                        "give it after the inputs)"),
     "--metacell-fraction": ("pack", "metacell_fraction",
                             "share of drawn samples packed as meta-cells (sum with neighbours)"),
     "--shard-samples": ("pack", "shard_samples", "at most this many samples per shard"),

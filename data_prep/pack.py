@@ -1,4 +1,5 @@
-"""Packing: turn the weighted stream of cells into deterministic, resumable tar shards.
+"""Packing: turn the weighted streams of cells (one per epoch, and the eval cells) into
+deterministic, resumable tar shards.
 
 Memory stays flat as the corpus grows: a shard reads only the rows it needs (its cells, their
 neighbours and their CSR rows) with ``os.pread``, never through a memory map, and the corpus-wide
@@ -44,10 +45,11 @@ SHARD_KEYS = ("path", "n_samples", "bytes", "sha256")  # a shard's manifest entr
 N_EXPR_EDGES = np.unique(np.geomspace(1, 100_000, 121).round()).astype(np.int64)
 # Byte ranges closer than this are read in one call (the bytes between are read and dropped).
 READ_GAP = 4096
-# Share of the drawn samples packed as meta-cells. Measured (docs/benchmarks/data_prep.md): on
-# the deepest real file, depth weighting alone puts 27% of the packed profiles above 3,200
-# expressed genes (3% of its cells); this share lifts it above half, as in scPRINT-2.
-METACELL_FRACTION = 0.5
+# Share of the drawn samples packed as meta-cells: the smallest (in steps of 0.05) that brings
+# the deepest real file above half of the packed profiles over 3,200 expressed genes, as in
+# scPRINT-2 (3.3% of its cells, 6.5% with depth weighting alone, 53% with this share; deeper
+# data needs less). Measured by benchmarks/bench_depth.py, docs/benchmarks/data_prep.md.
+METACELL_FRACTION = 0.7
 EVAL = "eval"  # name of the evaluation stream
 
 
@@ -104,9 +106,15 @@ def held_out_cells(name: str, n_cells: int, cfg: PackConfig, seed: int) -> np.nd
     return holdout_mask(n_cells, cfg.eval_fraction, seed, name)
 
 
-def check_eval_datasets(cfg: PackConfig, names: list[str]) -> None:
-    """Every ``--eval-datasets`` name must be a dataset of the build (a typo would silently
-    train on the dataset meant for evaluation)."""
+def check_pack_config(cfg: PackConfig, names: list[str]) -> None:
+    """Settings in range, and every ``--eval-datasets`` name a dataset of the build (``names``):
+    a typo would silently train on the dataset meant for evaluation."""
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, not {cfg.epochs}")
+    for flag, value in (("--eval-fraction", cfg.eval_fraction),
+                        ("--metacell-fraction", cfg.metacell_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} must be in [0, 1], not {value}")
     unknown = sorted(set(cfg.eval_datasets) - set(names))
     if unknown:
         raise ValueError(f"--eval-datasets: no dataset named {', '.join(unknown)} in this build "

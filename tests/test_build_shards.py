@@ -99,6 +99,10 @@ def test_all_organisms_in_one_build(build):
     labels = json.loads((build["out"] / man["labels"]["file"]).read_text())
     cell_types = set(labels["classes"]["cell_type"])
     assert {"CD14 Mono", "B"} <= cell_types  # PBMC column from the sheet
+    pseudo = set(labels["pseudo_label"])  # annotated types pooled, unannotated per dataset
+    assert {"*/CD14 Mono", "*/B"} <= pseudo
+    assert any(p.startswith("mouse_brain_10x_scanpy_10kcells_1000genes_raw/unknown_")
+               for p in pseudo)
     assert len(cell_types) > 13 + 18  # + stomach (sheet column) and fly annotations
     assert man["n_samples"] == 1200 and man["n_eval_samples"] > 0
     assert man["stream"]["n_metacells"] == 240
@@ -240,7 +244,8 @@ def test_packed_shards_realise_the_target_group_weights(tmp_path, shared_data):
     _write_sheet(tmp_path / "sheet.csv", shared_data, [pbmc])
     out = tmp_path / "out"
     _cli("data_prep.build_shards", "--sheet", tmp_path / "sheet.csv", "--out", out,
-         "--stream-size", "8000", "--shard-samples", "4000", "--context-genes", "0", "--quiet")
+         "--stream-size", "8000", "--shard-samples", "4000", "--context-genes", "0", "--quiet",
+         "--no-pool-cell-types")
     man = load_manifest(out)
     groups = [decode_sample(sample["cell"]).group
               for sample in wds.WebDataset([str(out / s["path"]) for s in man["shards"]],
@@ -253,6 +258,26 @@ def test_packed_shards_realise_the_target_group_weights(tmp_path, shared_data):
     # and the weighting matters: uniform sampling of cells would be far from the target
     uniform = np.bincount(np.load(out / "work" / "pack" / "group.npy"), minlength=target.size)
     assert 0.5 * np.abs(uniform / uniform.sum() - target).sum() > 0.1
+
+
+def test_pooled_cell_types_share_a_pseudo_label_across_datasets():
+    from types import SimpleNamespace
+
+    from data_prep.assemble import _pseudo_names
+
+    def dataset(name, types, values, codes):
+        label_codes = np.full((len(codes), len(CLASSES)), -1)
+        label_codes[:, 0] = types
+        return SimpleNamespace(rec=SimpleNamespace(name=name), pseudo_values=values,
+                               pseudo_codes=np.array(codes),
+                               ds=SimpleNamespace(label_codes=label_codes,
+                                                  label_values={"cell_type": ["T", "B"]}))
+
+    a = dataset("a", [0, 0, 1, -1], ["B", "T_0", "T_1", "unknown_2"], [1, 2, 0, 3])
+    b = dataset("b", [1, 1], ["B_4"], [0, 0])
+    assert _pseudo_names(a, True) == ["*/B", "*/T", "*/T", "a/unknown_2"]
+    assert _pseudo_names(b, True) == ["*/B"]
+    assert _pseudo_names(a, False) == ["a/B", "a/T_0", "a/T_1", "a/unknown_2"]
 
 
 def test_accounting_adds_up_and_counts_the_rejected_file(build):

@@ -103,9 +103,13 @@ def test_held_out_cells_whole_datasets_and_fractions():
     assert pack.held_out_cells("lung", 50, cfg, seed=3).all()
     np.testing.assert_array_equal(pack.held_out_cells("pbmc", 1000, cfg, seed=3),
                                   pack.holdout_mask(1000, 0.1, seed=3, name="pbmc"))
-    pack.check_eval_datasets(cfg, ["pbmc", "lung"])
+    pack.check_pack_config(cfg, ["pbmc", "lung"])
     with pytest.raises(ValueError, match="no dataset named lung"):
-        pack.check_eval_datasets(cfg, ["pbmc", "lung_v2"])
+        pack.check_pack_config(cfg, ["pbmc", "lung_v2"])
+    with pytest.raises(ValueError, match="--epochs"):
+        pack.check_pack_config(pack.PackConfig(epochs=0), [])
+    with pytest.raises(ValueError, match="--metacell-fraction"):
+        pack.check_pack_config(pack.PackConfig(metacell_fraction=1.5), [])
 
 
 def test_epoch_seeds_and_draws_differ():
