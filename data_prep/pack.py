@@ -46,10 +46,11 @@ N_EXPR_EDGES = np.unique(np.geomspace(1, 100_000, 121).round()).astype(np.int64)
 # Byte ranges closer than this are read in one call (the bytes between are read and dropped).
 READ_GAP = 4096
 # Share of the drawn samples packed as meta-cells: the smallest (in steps of 0.05) that brings
-# the deepest real file above half of the packed profiles over 3,200 expressed genes, as in
-# scPRINT-2 (3.3% of its cells, 6.5% with depth weighting alone, 53% with this share; deeper
-# data needs less). Measured by benchmarks/bench_depth.py, docs/benchmarks/data_prep.md.
-METACELL_FRACTION = 0.7
+# more than half of the packed profiles above 3,200 expressed genes, as in scPRINT-2, both on the
+# deepest real file (3.3% of its cells, 6.5% packed without meta-cells, 56% with this share) and
+# on a derived deep input (15.7%, 18.9%, 51%); benchmarks/bench_depth.py,
+# docs/benchmarks/data_prep.md.
+METACELL_FRACTION = 0.75
 EVAL = "eval"  # name of the evaluation stream
 
 
