@@ -800,6 +800,5 @@ class CellLoader:
                 self.stats[name] = sum(t[j] for t in self._worker_stats.values())
             if cfg.split == "train":
                 self.stats.update(zip(_POSITION, latest[len(_STATS):]))
-            if cfg.split == "train":
                 self.batches += 1
             yield batch
