@@ -24,7 +24,7 @@ from data_prep.ingest import IngestedDataset
 from data_prep.labels import LabelVocab
 from data_prep.shard_format import CLASSES, UNKNOWN
 from data_prep.vocab import GeneVocab
-from data_prep.weights import cell_probabilities
+from data_prep.weights import cell_probabilities, group_probabilities
 
 log = logging.getLogger("data_prep")
 
@@ -68,8 +68,14 @@ class _Loaded:
 def assemble(out: Path, records: list[DatasetRecord], cfg: BuildConfig, jobs: int,
              mp_context, progress, symbols: SymbolMap) -> dict:
     """Build everything after the per-dataset stages; returns the manifest written.
-    ``symbols`` (the build's symbol map) gives the gene vocabulary its aliases."""
+
+    ``symbols`` (the build's symbol map) gives the gene vocabulary its aliases. The plan
+    (vocabularies, groups, the eval cells) is shared by all epochs; each epoch's draw is a
+    stream of its own with its seed and curriculum gamma, so rerunning with more ``--epochs``
+    draws and packs only the new ones, byte-identical to packing them at once.
+    """
     records = sorted(records, key=lambda r: r.index)
+    pack.check_pack_config(cfg.pack, [r.name for r in records])
     loaded = [_load(r) for r in records if r.status == "ok"]
     vocab, labels = _vocabularies(cfg, loaded)
     vocab.add_aliases(symbols)
@@ -92,22 +98,18 @@ def assemble(out: Path, records: list[DatasetRecord], cfg: BuildConfig, jobs: in
         col2gid.append(vocab.lookup(x.ds.organism, x.ds.genes).astype(np.int64))
         label_maps.append(x.label_map)
         cell_labels = x.label_map[np.arange(len(CLASSES)), np.asarray(x.ds.label_codes) + 1]
-        pl_ids = labels.add("pseudo_label", [f"{x.rec.name}/{v}" for v in x.pseudo_values])
+        pl_ids = labels.add("pseudo_label", _pseudo_names(x, cfg.weights.pool_cell_types))
         pseudo[sl] = pl_ids[x.pseudo_codes]
         group[sl] = _groups(labels, pseudo[sl], cell_labels)
         nnz[sl] = x.ds.nnz
         mult[sl] = x.rec.multiplier
-        held[sl] = pack.holdout_mask(n, cfg.pack.eval_fraction, cfg.seed, x.rec.name)
+        held[sl] = pack.held_out_cells(x.rec.name, n, cfg.pack, cfg.seed)
         offset += n
 
     pool = ~held
-    w = cfg.weights
-    prob = np.zeros(n_total, dtype=np.float64)
-    prob[pool] = cell_probabilities(
-        group[pool], nnz[pool], mult[pool], S=w.group_scale, gamma=w.effective_gamma(),
-        scale=w.depth_scale, slope=w.depth_slope, midpoint=w.depth_midpoint,
-    )
     n_pool = int(pool.sum())
+    if n_pool == 0:
+        raise ValueError("no training cells: every dataset or cell is held out for evaluation")
     stream_size = cfg.pack.stream_size if cfg.pack.stream_size is not None else n_pool
     vocab.save(out / "vocab")
     labels.save(out / "vocab")
@@ -115,27 +117,81 @@ def assemble(out: Path, records: list[DatasetRecord], cfg: BuildConfig, jobs: in
     plan_dir = out / "work" / "pack"
     fingerprint = _fingerprint(cfg, records, loaded)
     if pack.plan_fingerprint(plan_dir) != fingerprint:
-        stream = pack.draw_stream(prob, stream_size, cfg.pack.metacell_fraction, cfg.seed)
-        pack.save_plan(plan_dir, cfg.pack, datasets, col2gid, label_maps, group, pseudo, prob,
-                       stream, np.flatnonzero(held).astype(np.int64), fingerprint)
-    shards = pack.pack_all(plan_dir, out, jobs, mp_context, progress)
-    stream_cells = np.load(plan_dir / "train_cells.npy", mmap_mode="r")
-    stats = report.collect(loaded, datasets, group, prob, pool, nnz, shards, stream_cells, labels,
-                           cfg.pack.context_genes)
+        pack.save_plan(plan_dir, cfg.pack, datasets, col2gid, label_maps, group, pseudo,
+                       fingerprint)
+    if pack.plan_fingerprint(plan_dir, pack.EVAL) != fingerprint:
+        eval_cells = np.flatnonzero(held)  # each held-out cell once, unweighted
+        pack.save_stream(plan_dir, pack.EVAL, eval_cells, np.zeros(eval_cells.shape[0], bool),
+                         np.ones(eval_cells.shape[0]), fingerprint)
+    w = cfg.weights
+    epochs, targets = [], []
+    for e in range(cfg.pack.epochs):
+        prob = np.zeros(n_total, dtype=np.float64)
+        prob[pool] = cell_probabilities(
+            group[pool], nnz[pool], mult[pool], S=w.group_scale, gamma=w.gamma_of(e),
+            scale=w.depth_scale, slope=w.depth_slope, midpoint=w.depth_midpoint,
+        )
+        name, seed = pack.stream_name(e), pack.epoch_seed(cfg.seed, e)
+        targets.append(group_probabilities(group, prob))
+        if pack.plan_fingerprint(plan_dir, name) != f"{fingerprint}:{e}":
+            cells, metacell = pack.draw_stream(prob, stream_size, cfg.pack.metacell_fraction,
+                                               seed)
+            pack.save_stream(plan_dir, name, cells, metacell, prob[cells] * n_pool,
+                             f"{fingerprint}:{e}", targets[-1])
+        epochs.append({"epoch": e, "gamma": w.gamma_of(e), "seed": seed})
+    streams = [pack.stream_name(e) for e in range(cfg.pack.epochs)]
+    shards = pack.pack_all(plan_dir, out, [*streams, pack.EVAL], jobs, mp_context, progress)
+
+    draws = np.zeros(n_total, dtype=np.int64)
+    for info, name, target in zip(epochs, streams, targets):
+        cells = np.load(plan_dir / name / "cells.npy")
+        counts = np.bincount(cells, minlength=n_total)
+        draws += counts
+        freq = np.bincount(group, weights=counts, minlength=target.shape[0]) / cells.shape[0]
+        recs = shards[name]
+        info.update({
+            "n_samples": int(cells.shape[0]),
+            "n_distinct_cells": int(np.count_nonzero(counts)),
+            "n_metacells": int(sum(r["stats"]["n_metacells"] for r in recs)),
+            "share_above_context": round(
+                sum(r["stats"]["n_above_context"] for r in recs) / max(1, cells.shape[0]), 6),
+            "group_tv": round(float(0.5 * np.abs(freq - target).sum()), 6),
+        })
+        for r in recs:
+            r["epoch"] = info["epoch"]
+    train = [r for name in streams for r in shards[name]]
+    stats = report.collect(loaded, datasets, group, np.mean(targets, axis=0), pool, nnz, train,
+                           draws, labels, cfg.pack.context_genes, epochs)
     man = manifest_mod.build(
         cfg=cfg, records=records, loaded=[(x.rec, x.ds.meta, x.graph_meta) for x in loaded],
-        vocab=vocab.to_manifest(), labels=labels.to_manifest(), shards=shards,
+        vocab=vocab.to_manifest(), labels=labels.to_manifest(), train=train,
+        eval_=shards[pack.EVAL],
         held_per_dataset=[int(held[d.offset:d.offset + d.n_cells].sum()) for d in datasets],
-        stream={"n_samples": int(stream_size),
-                "n_distinct_cells": int(np.unique(np.asarray(stream_cells)).shape[0]),
-                "n_metacells": stats["n_metacells"], "seed": cfg.seed,
-                "gamma": cfg.weights.effective_gamma(),
+        epochs=epochs,
+        stream={"n_samples": int(draws.sum()), "n_metacells": stats["n_metacells"],
                 "share_above_context_input": stats["share_above_before"],
                 "share_above_context_stream": stats["share_above_after"]},
     )
     report.write(out / "report", man, stats)
     manifest_mod.write(out, man)
     return man
+
+
+def _pseudo_names(x: _Loaded, pool_cell_types: bool) -> list[str]:
+    """Global names of a dataset's pseudo-labels. Per dataset (``<dataset>/<cell type>_<cluster>``)
+    by default; with ``pool_cell_types`` an annotated pseudo-label becomes ``*/<cell type>``,
+    shared by every dataset with that cell type, while unannotated cells keep their dataset's
+    ``<dataset>/unknown_<cluster>``."""
+    names = [f"{x.rec.name}/{v}" for v in x.pseudo_values]
+    if not pool_cell_types or not len(x.pseudo_codes):
+        return names
+    ct_codes = np.asarray(x.ds.label_codes)[:, CLASSES.index("cell_type")]
+    ct_values = list(x.ds.label_values.get("cell_type", []))
+    first = np.unique(x.pseudo_codes, return_index=True)
+    for code, cell in zip(*first):  # one cell type per pseudo-label (cell type x cluster)
+        if ct_codes[cell] >= 0:
+            names[code] = f"*/{ct_values[ct_codes[cell]]}"
+    return names
 
 
 def _load(rec: DatasetRecord) -> _Loaded:
@@ -182,9 +238,12 @@ def _groups(labels: LabelVocab, pseudo: np.ndarray, cell_labels: np.ndarray) -> 
 
 
 def _fingerprint(cfg: BuildConfig, records: list[DatasetRecord], loaded: list[_Loaded]) -> str:
-    """Changes whenever the plan would: configuration, datasets and their artifacts."""
+    """Changes whenever the plan would: configuration, datasets and their artifacts. The number
+    of epochs is left out: adding epochs keeps the plan and the epochs already drawn."""
+    config = cfg.to_dict()
+    config["pack"].pop("epochs")
     doc = {
-        "config": cfg.to_dict(),
+        "config": config,
         "records": [r.public() for r in records],
         "ingest": [x.ds.meta for x in loaded],
         "graph": [{k: x.graph_meta.get(k) for k in ("config", "seed", "n_cells", "n_clusters")}

@@ -6,7 +6,7 @@ Stages: gene names of every dataset (its var only: ids, symbols, spike-ins), joi
 ``--gene-table`` files into one symbol -> Ensembl id map per organism -> ingest each dataset
 (validate, genes as canonical ids, drop non-primary cells and gene panels, QC, CSR) -> cell graph
 per dataset (PCA, kNN, Leiden, pseudo-labels) -> gene and label vocabularies -> sampling weights
--> the epoch's weighted stream -> tar shards -> OUT/manifest.json -> OUT/report/. The
+-> each epoch's weighted stream -> tar shards -> OUT/manifest.json -> OUT/report/. The
 per-dataset stages run in ``--jobs`` processes. Every stage resumes: rerun the same command
 after a crash or ``kill -9`` and it finishes with byte-identical output. A bad dataset is
 logged, counted as "rejected: <problem>" in the manifest's accounting and skipped, unless
@@ -41,6 +41,7 @@ from data_prep.config import BuildConfig, add_config_flags, config_from_args
 from data_prep.genes import FileGenes, SymbolMap, read_gene_table
 from data_prep.graph import build_graph
 from data_prep.ingest import DatasetError, ingest_dataset, scan_genes
+from data_prep.pack import check_pack_config, held_out_cells
 from data_prep.sheet import DatasetSpec, SheetError, discover_inputs
 from data_prep.vocab import GeneVocab
 
@@ -153,7 +154,8 @@ def process_dataset(spec: DatasetSpec, work: Path, cfg: BuildConfig,
     try:
         ds = ingest_dataset(spec, d / "ingest", cfg.ingest, symbols)
         if ds.n_cells:
-            build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed)
+            held = held_out_cells(spec.name, ds.n_cells, cfg.pack, cfg.seed)
+            build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed, held=held)
     except Exception as e:
         if cfg.strict:
             raise
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         specs = discover_inputs(args.inputs, args.sheet)
         given = given_paths(specs, args.inputs, args.sheet)
+        check_pack_config(cfg.pack, [s.name for s in specs])
         indices = list(range(args.worker_index, len(specs), args.num_workers))
         symbols, scans = symbol_map(specs, out / "work", cfg, args.jobs, progress)
         records = run_datasets(specs, given, indices, out / "work", cfg, args.jobs, progress,

@@ -24,6 +24,7 @@ from data_prep.weights import (
     DEPTH_SCALE,
     DEPTH_SLOPE,
     GROUP_SCALE,
+    POOL_CELL_TYPES,
     curriculum_gamma,
 )
 
@@ -33,7 +34,9 @@ class WeightConfig:
     """Sampling weights (see data_prep.weights)."""
 
     group_scale: float = GROUP_SCALE  # S in W_c = S n_c / (n_c + S)
-    epoch: int = 0  # epoch of the curriculum gamma = min(1, (epoch + offset) / span)
+    # annotated cell types make one group across datasets (unannotated cells keep their
+    # dataset's clusters); see docs/training.md for the measurement behind the default
+    pool_cell_types: bool = POOL_CELL_TYPES
     gamma: float | None = None  # fixed gamma (overrides the curriculum)
     curriculum_offset: float = CURRICULUM_OFFSET
     curriculum_span: float = CURRICULUM_SPAN
@@ -41,10 +44,11 @@ class WeightConfig:
     depth_slope: float = DEPTH_SLOPE
     depth_midpoint: float = DEPTH_MIDPOINT
 
-    def effective_gamma(self) -> float:
+    def gamma_of(self, epoch: int) -> float:
+        """The group-weight exponent of epoch ``epoch``: the curriculum, unless fixed."""
         if self.gamma is not None:
             return float(self.gamma)
-        return curriculum_gamma(self.epoch, self.curriculum_offset, self.curriculum_span)
+        return curriculum_gamma(epoch, self.curriculum_offset, self.curriculum_span)
 
 
 @dataclass
@@ -60,19 +64,15 @@ class BuildConfig:
     vocab_sizing: VocabConfig = field(default_factory=VocabConfig)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["weights"]["effective_gamma"] = self.weights.effective_gamma()
-        return d
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BuildConfig:
         d = dict(d)
-        weights = dict(d.pop("weights"))
-        weights.pop("effective_gamma", None)
         return cls(
             ingest=IngestConfig(**d.pop("ingest")),
             graph=GraphConfig(**d.pop("graph")),
-            weights=WeightConfig(**weights),
+            weights=WeightConfig(**d.pop("weights")),
             pack=PackConfig(**d.pop("pack")),
             vocab_sizing=VocabConfig(**d.pop("vocab_sizing")),
             **d,
@@ -121,18 +121,25 @@ FLAGS: dict[str, tuple[str | None, str, str]] = {
                          "pseudo-label sub-clusters smaller than this fold into their cell type"),
     "--graph-chunk-rows": ("graph", "chunk_rows", "rows per streaming chunk of the graph stage"),
     "--group-scale": ("weights", "group_scale", "S of the group weight S*n/(n+S)"),
-    "--epoch": ("weights", "epoch", "epoch whose stream is drawn (sets the curriculum gamma)"),
+    "--pool-cell-types": ("weights", "pool_cell_types",
+                          "one sampling group per annotated cell type across datasets"),
     "--gamma": ("weights", "gamma", "fixed group-weight exponent (default: curriculum)"),
     "--curriculum-offset": ("weights", "curriculum_offset", "gamma = min(1, (epoch+offset)/span)"),
     "--curriculum-span": ("weights", "curriculum_span", "see --curriculum-offset"),
     "--depth-scale": ("weights", "depth_scale", "w = 1 + scale*sigmoid(slope*(nnz - midpoint))"),
     "--depth-slope": ("weights", "depth_slope", "see --depth-scale"),
     "--depth-midpoint": ("weights", "depth_midpoint", "see --depth-scale"),
-    "--stream-size": ("pack", "stream_size", "train samples to draw (default: train cells)"),
+    "--stream-size": ("pack", "stream_size",
+                      "train samples drawn per epoch (default: train cells)"),
+    "--epochs": ("pack", "epochs", "epochs to pack, each a fresh draw with its curriculum gamma; "
+                 "rerun with more to add epochs"),
     "--eval-fraction": ("pack", "eval_fraction",
                         "share of each dataset's cells held out into eval shards"),
+    "--eval-datasets": ("pack", "eval_datasets",
+                        "datasets held out whole into eval shards (names as in the manifest; "
+                        "give it after the inputs)"),
     "--metacell-fraction": ("pack", "metacell_fraction",
-                            "share of drawn samples packed as meta-cells (mean with neighbours)"),
+                            "share of drawn samples packed as meta-cells (sum with neighbours)"),
     "--shard-samples": ("pack", "shard_samples", "at most this many samples per shard"),
     "--shard-mb": ("pack", "shard_mb", "at most this many MiB per shard"),
     "--context-genes": ("pack", "context_genes",
@@ -174,6 +181,8 @@ def _field_type(section: str | None, name: str):
     default = getattr(owner(), name)
     kind = {f.name: f.type for f in fields(owner)}[name]
     kind = kind if isinstance(kind, str) else kind.__name__
+    if kind.startswith("list"):
+        return list, default
     for t in (bool, int, float, str):
         if t.__name__ in kind:
             return t, default
@@ -187,14 +196,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             groups[section] = parser.add_argument_group(f"{section or 'build'} settings")
         t, default = _field_type(section, name)
         if t is bool:
-            groups[section].add_argument(flag, dest=f"cfg_{section}_{name}", action="store_true",
-                                         help=help_)
-            continue
-        groups[section].add_argument(
-            flag, dest=f"cfg_{section}_{name}", type=t, default=default,
-            metavar=flag.lstrip("-").replace("-", "_").upper(),
-            help=f"{help_} (default: {default})",
-        )
+            kind = {"action": argparse.BooleanOptionalAction}
+        elif t is list:
+            kind = {"nargs": "*", "metavar": "NAME"}
+        else:
+            kind = {"type": t, "metavar": flag.lstrip("-").replace("-", "_").upper()}
+        groups[section].add_argument(flag, dest=f"cfg_{section}_{name}", default=default,
+                                     help=f"{help_} (default: {default})", **kind)
     groups[None].add_argument(
         "--gene-table", dest="gene_tables", action="append", default=[],
         metavar="ORGANISM=FILE.tsv",

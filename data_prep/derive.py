@@ -12,7 +12,12 @@ so counts stay raw integers, ``E[y] = t * (lam x_a + (1 - lam) x_b)`` lies on th
 two real neighbouring profiles, and no two derived cells are identical. Obs labels are those of
 ``a``. The output says it is derived in ``uns['derived_from']``.
 
-    python -m data_prep.derive SRC.h5ad --cells 200000 --out X.h5ad --seed 0
+``--depth D`` makes a deeper input (for what depth does downstream, e.g. meta-cells and the share
+of profiles above the context): each derived cell sums D such draws around the same cell ``a``,
+each with its own partner, weight and thinning, so it holds about D times the counts and the
+genes of D + 1 real neighbouring cells, like a deeper assay of the same tissue.
+
+    python -m data_prep.derive SRC.h5ad --cells 200000 --out X.h5ad --seed 0 [--depth 1]
 """
 
 from __future__ import annotations
@@ -51,41 +56,49 @@ def derive_counts(
     k: int = 10,
     thin_low: float = 0.7,
     chunk: int = 20000,
+    depth: int = 1,
 ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-    """Derived counts (float32 CSR [n_cells, genes]) plus the source rows ``a`` and ``b``."""
+    """Derived counts (float32 CSR [n_cells, genes]) plus the source rows ``a`` and ``b`` (the
+    first draw's partner); ``depth`` draws summed per cell (see the module docstring)."""
     n = counts.shape[0]
     if n < 2:
         raise ValueError("deriving needs at least 2 source cells")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
     rng = np.random.default_rng(seed)
     nbrs = source_neighbours(counts, k, seed)
     a = np.arange(n_cells) % n
-    b = nbrs[a, rng.integers(0, nbrs.shape[1], size=n_cells)]
-    lam = rng.random(n_cells)
-    t = rng.uniform(thin_low, 1.0, size=n_cells)
+    draws = []  # (partner b, weight lam, thinning t) per draw
+    for _ in range(depth):
+        b = nbrs[a, rng.integers(0, nbrs.shape[1], size=n_cells)]
+        draws.append((b, rng.random(n_cells), rng.uniform(thin_low, 1.0, size=n_cells)))
     parts = []
     for start in range(0, n_cells, chunk):
         sl = slice(start, min(n_cells, start + chunk))
         blocks = []
-        for rows, p in ((a[sl], lam[sl] * t[sl]), (b[sl], (1 - lam[sl]) * t[sl])):
-            m = counts[rows]
-            per_entry = np.repeat(p, np.diff(m.indptr))
-            m.data = rng.binomial(m.data.astype(np.int64), per_entry).astype(np.float32)
-            blocks.append(m)
-        y = (blocks[0] + blocks[1]).tocsr()
+        for b, lam, t in draws:
+            for rows, p in ((a[sl], lam[sl] * t[sl]), (b[sl], (1 - lam[sl]) * t[sl])):
+                m = counts[rows]
+                per_entry = np.repeat(p, np.diff(m.indptr))
+                m.data = rng.binomial(m.data.astype(np.int64), per_entry).astype(np.float32)
+                blocks.append(m)
+        y = sum(blocks[1:], blocks[0]).tocsr()
         y.eliminate_zeros()
         y.sort_indices()
         parts.append(y)
-    return sp.vstack(parts, format="csr").astype(np.float32), a, b
+    return sp.vstack(parts, format="csr").astype(np.float32), a, draws[0][0]
 
 
-def derive_file(src, out, n_cells: int, seed: int = 0, k: int = 10, thin_low: float = 0.7):
+def derive_file(src, out, n_cells: int, seed: int = 0, k: int = 10, thin_low: float = 0.7,
+                depth: int = 1):
     """Write a derived .h5ad of ``n_cells`` cells from ``src`` (atomic: temp name + rename)."""
     import anndata as ad
     import pandas as pd
 
     src, out = Path(src), Path(out)
     adata = ad.read_h5ad(src)
-    x, a, b = derive_counts(_raw_counts(adata, src), n_cells, seed, k=k, thin_low=thin_low)
+    x, a, b = derive_counts(_raw_counts(adata, src), n_cells, seed, k=k, thin_low=thin_low,
+                            depth=depth)
     obs = adata.obs.iloc[a].copy()
     obs.index = pd.Index([f"derived_{i}" for i in range(n_cells)])
     obs["derived_source_a"] = np.asarray(adata.obs_names)[a]
@@ -99,6 +112,7 @@ def derive_file(src, out, n_cells: int, seed: int = 0, k: int = 10, thin_low: fl
             "n_source_cells": int(adata.n_obs),
             "k": int(k),
             "thin_low": float(thin_low),
+            "depth": int(depth),
             "seed": int(seed),
         }
     }
@@ -118,8 +132,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=10, help="mix partners: among the k nearest")
     p.add_argument("--thin-low", type=float, default=0.7, help="thinning factor ~ U(this, 1)")
+    p.add_argument("--depth", type=int, default=1,
+                   help="draws summed per derived cell (> 1: a deeper input)")
     args = p.parse_args(argv)
-    out = derive_file(args.src, args.out, args.cells, args.seed, args.k, args.thin_low)
+    out = derive_file(args.src, args.out, args.cells, args.seed, args.k, args.thin_low,
+                      args.depth)
     print(f"wrote {out} ({args.cells} derived cells from {args.src})")
 
 

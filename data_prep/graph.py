@@ -23,6 +23,12 @@ Pipeline (one dataset, all steps deterministic for a seed):
 Steps 1-4 are ``neighbours``, which pretrain.embed also runs on a new file so that its cells get
 neighbours found as in training; ``compute_graph`` adds steps 5-6.
 
+Held-out cells (``held``, the eval split of ``--eval-fraction``) never reach a training sample:
+the kept neighbours of every training cell are its nearest *training* cells (the first ones of
+its k-NN list that are not held out; a cell with too few of those gets exact nearest training
+cells by brute force). Held-out cells keep their own nearest cells. What stays transductive:
+the HVGs, PCA, kNN graph and Leiden clusters of a dataset include its held-out cells.
+
 Tiny datasets (rule recorded in meta.json): ``n_pcs = min(n_pcs, n_cells - 1, n_genes)``;
 ``k = min(k, n_cells - 1)``; neighbour slots that cannot be filled hold -1 / inf; a dataset of one
 cell (or with no variable gene) is a single cluster and needs no PCA.
@@ -30,6 +36,7 @@ cell (or with no variable gene) is a single cluster and needs no PCA.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -453,6 +460,7 @@ class Neighbours:
     method: str  # "exact", "pynndescent" or "none"
     tiny_rule: list[str]  # the tiny-dataset rules that applied
     timings_s: dict[str, float]
+    emb: np.ndarray | None = None  # float32 [n, n_pcs] PCA coordinates (None without a PCA)
 
 
 def neighbours(counts: sp.csr_matrix, k: int, cfg: GraphConfig, seed: int) -> Neighbours:
@@ -479,6 +487,7 @@ def neighbours(counts: sp.csr_matrix, k: int, cfg: GraphConfig, seed: int) -> Ne
         rule.append(f"n_pcs=min({cfg.n_pcs}, n_cells-1, n_genes)={n_pcs}")
     if k_used < k:
         rule.append(f"k=min({k}, n_cells-1)={k_used}; missing neighbour slots are -1/inf")
+    emb = None
     if n_pcs < 1 or k_used < 1:
         idx, dist = np.full((n, 0), -1, np.int32), np.full((n, 0), np.inf, np.float32)
         method = "none"
@@ -495,11 +504,44 @@ def neighbours(counts: sp.csr_matrix, k: int, cfg: GraphConfig, seed: int) -> Ne
             method = "pynndescent"
         watch.lap("knn")
     return Neighbours(idx, dist, int(genes.size), int(max(n_pcs, 0)), int(max(k_used, 0)),
-                      method, rule, watch.timings)
+                      method, rule, watch.timings, emb)
 
 
-def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int) -> DatasetGraph:
-    """All stages in memory; ``cell_type`` is per-cell strings (None entries = unknown) or None."""
+def training_neighbours(nb: Neighbours, held: np.ndarray, kept: int):
+    """The ``kept`` nearest neighbours of each cell with held-out cells removed from the lists of
+    training cells: (int32 [n, kept] with -1 = missing, float32 distances with inf = missing,
+    number of rows searched again).
+
+    A training cell takes the first ``kept`` training cells of its k-NN list; when fewer are
+    there (many held-out cells nearby) its nearest training cells are found again by exact
+    search among the training cells. Held-out rows keep their first ``kept`` neighbours.
+    """
+    n = nb.idx.shape[0]
+    idx = np.full((n, kept), -1, np.int32)
+    dist = np.full((n, kept), np.inf, np.float32)
+    train = np.flatnonzero(~held)
+    ok = (nb.idx >= 0) & ~held[np.maximum(nb.idx, 0)]
+    ok[held] = nb.idx[held] >= 0  # held-out rows: any neighbour
+    rank = np.cumsum(ok, axis=1) - 1
+    take = ok & (rank < kept)
+    rows, cols = np.nonzero(take)
+    idx[rows, rank[rows, cols]] = nb.idx[rows, cols]
+    dist[rows, rank[rows, cols]] = nb.dist[rows, cols]
+    want = min(kept, nb.idx.shape[1], train.size - 1)
+    short = train[(idx[train] >= 0).sum(axis=1) < want] if held.any() else train[:0]
+    if short.size and nb.emb is not None:
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[train] = np.arange(train.size)
+        found, d = exact_knn(nb.emb[train], want, queries=pos[short])
+        idx[short, :want] = train[found]
+        dist[short, :want] = d
+    return idx, dist, int(short.size)
+
+
+def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int,
+                  held: np.ndarray | None = None) -> DatasetGraph:
+    """All stages in memory; ``cell_type`` is per-cell strings (None entries = unknown) or None;
+    ``held`` marks held-out cells, which then never appear among training cells' neighbours."""
     n, g = counts.shape
     nb = neighbours(counts, cfg.k, cfg, seed)
     watch = _Stopwatch(nb.timings_s)
@@ -516,12 +558,11 @@ def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int)
     else:
         rule.append("single cluster, no neighbours (fewer than 2 cells or no genes)")
         clusters = np.zeros(n, dtype=np.int32)
-    kept = cfg.n_neighbours_kept
-    nbr_idx = np.full((n, kept), -1, np.int32)
-    nbr_dist = np.full((n, kept), np.inf, np.float32)
-    m = min(kept, nb.idx.shape[1])
-    nbr_idx[:, :m] = nb.idx[:, :m]
-    nbr_dist[:, :m] = nb.dist[:, :m]
+    held = _effective_held(held, n)
+    nbr_idx, nbr_dist, n_searched = training_neighbours(
+        nb, np.zeros(n, dtype=bool) if held is None else held, cfg.n_neighbours_kept)
+    if n_searched:
+        watch.lap("training_neighbours")
     labels = pseudo_labels(cell_type, clusters, cfg.min_subcluster)
     watch.lap("pseudo_labels")
     meta = {
@@ -535,6 +576,8 @@ def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int)
         "n_clusters": int(np.unique(clusters).size),
         "n_pseudo_labels": int(np.unique(labels).size),
         "tiny_rule": "; ".join(rule),
+        "held_out": _held_fingerprint(held),
+        "n_rows_searched_again": n_searched,
         "seed": int(seed),
         "config": config_fingerprint(cfg),
         "timings_s": watch.timings,
@@ -542,11 +585,31 @@ def compute_graph(counts: sp.csr_matrix, cell_type, cfg: GraphConfig, seed: int)
     return DatasetGraph(nbr_idx, nbr_dist, clusters.astype(np.int32), labels, meta)
 
 
-def build_graph(ds, out_dir, cfg: GraphConfig | None = None, seed: int = 0) -> DatasetGraph:
-    """Build (or reuse, if complete for the same config and seed) the graph artifact of ``ds``.
+def _effective_held(held: np.ndarray | None, n: int) -> np.ndarray | None:
+    """The hold-out mask when it changes neighbours: some but not all cells held out (a whole
+    held-out dataset has no training cell to protect)."""
+    if held is None:
+        return None
+    held = np.asarray(held, dtype=bool)
+    if held.shape != (n,):
+        raise ValueError(f"hold-out mask has shape {held.shape}, expected ({n},)")
+    return held if 0 < held.sum() < n else None
+
+
+def _held_fingerprint(held: np.ndarray | None) -> str:
+    if held is None:
+        return "none"
+    return f"{int(held.sum())}:{hashlib.sha256(np.packbits(held).tobytes()).hexdigest()}"
+
+
+def build_graph(ds, out_dir, cfg: GraphConfig | None = None, seed: int = 0,
+                held: np.ndarray | None = None) -> DatasetGraph:
+    """Build (or reuse, if complete for the same config, seed and hold-out) the graph artifact
+    of ``ds``.
 
     ``ds`` is an ingested dataset (``counts`` CSR over kept cells, ``label_codes``,
-    ``label_values``). Written to a temporary sibling directory and renamed into place.
+    ``label_values``); ``held`` its held-out cells (see ``training_neighbours``). Written to a
+    temporary sibling directory and renamed into place.
     """
     cfg = cfg or GraphConfig()
     out_dir = Path(out_dir)
@@ -556,11 +619,13 @@ def build_graph(ds, out_dir, cfg: GraphConfig | None = None, seed: int = 0) -> D
             done = DatasetGraph.load(out_dir)
             m = done.meta
             same = m.get("config") == config_fingerprint(cfg) and m.get("seed") == seed
+            same = same and m.get("held_out", "none") == _held_fingerprint(
+                _effective_held(held, n))
             if same and m.get("n_cells") == n:
                 return done
         except (OSError, ValueError, KeyError):
             pass
-    graph = compute_graph(ds.counts, _cell_types(ds), cfg, seed)
+    graph = compute_graph(ds.counts, _cell_types(ds), cfg, seed, held)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)

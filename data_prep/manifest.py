@@ -14,12 +14,14 @@ from data_prep.pack import SHARD_KEYS
 from data_prep.shard_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 
 
-def build(*, cfg: BuildConfig, records, loaded, vocab: dict, labels: dict, shards: dict,
-          held_per_dataset: list[int], stream: dict) -> dict:
+def build(*, cfg: BuildConfig, records, loaded, vocab: dict, labels: dict, train: list[dict],
+          eval_: list[dict], held_per_dataset: list[int], epochs: list[dict],
+          stream: dict) -> dict:
     """Assemble the manifest; checks input = packed + held_out + dropped for every dataset.
 
     ``records`` are all datasets in build order (rejected ones included); ``loaded`` the accepted
-    ones as (record, ingest meta, graph meta).
+    ones as (record, ingest meta, graph meta); ``train`` the shard records of every epoch in
+    epoch order (each with its ``"epoch"``), ``epochs`` one entry per epoch.
     """
     datasets, accounting = [], {}
     for i, ((rec, meta, graph_meta), held) in enumerate(zip(loaded, held_per_dataset)):
@@ -28,6 +30,7 @@ def build(*, cfg: BuildConfig, records, loaded, vocab: dict, labels: dict, shard
             "taxon": meta["taxon"], "n_input": meta["n_input"], "n_kept": meta["n_kept"],
             "n_genes": meta["n_genes"], "genes": meta["genes"], "multiplier": rec.multiplier,
             "counts_source": meta["counts_source"], "label_columns": meta["label_columns"],
+            "split": "eval" if rec.name in cfg.pack.eval_datasets else "train",
             "n_clusters": int(graph_meta.get("n_clusters", 0)),
             "graph_rule": graph_meta.get("tiny_rule", ""),
         })
@@ -55,10 +58,11 @@ def build(*, cfg: BuildConfig, records, loaded, vocab: dict, labels: dict, shard
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "shards": [{k: s[k] for k in SHARD_KEYS} for s in shards["train"]],
-        "eval_shards": [{k: s[k] for k in SHARD_KEYS} for s in shards["eval"]],
-        "n_samples": sum(s["n_samples"] for s in shards["train"]),
-        "n_eval_samples": sum(s["n_samples"] for s in shards["eval"]),
+        "shards": [{k: s[k] for k in (*SHARD_KEYS, "epoch")} for s in train],
+        "eval_shards": [{k: s[k] for k in SHARD_KEYS} for s in eval_],
+        "n_samples": sum(s["n_samples"] for s in train),
+        "n_eval_samples": sum(s["n_samples"] for s in eval_),
+        "epochs": epochs,
         "vocab": vocab,
         "labels": labels,
         "datasets": datasets,

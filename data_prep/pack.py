@@ -1,4 +1,5 @@
-"""Packing: turn the weighted stream of cells into deterministic, resumable tar shards.
+"""Packing: turn the weighted streams of cells (one per epoch, and the eval cells) into
+deterministic, resumable tar shards.
 
 Memory stays flat as the corpus grows: a shard reads only the rows it needs (its cells, their
 neighbours and their CSR rows) with ``os.pread``, never through a memory map, and the corpus-wide
@@ -18,7 +19,7 @@ import signal
 import tarfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +40,29 @@ from data_prep.shard_format import (
 TAR_BLOCK = 512
 # Test hook: kill this process with SIGKILL after writing this many samples (resumability tests).
 FAULT_ENV = "SCPRETRAIN_FAULT_AFTER_SAMPLES"
-KINDS = ("train", "eval")
 SHARD_KEYS = ("path", "n_samples", "bytes", "sha256")  # a shard's manifest entry
 # Bin edges of the expressed-genes histogram each shard records for the report.
 N_EXPR_EDGES = np.unique(np.geomspace(1, 100_000, 121).round()).astype(np.int64)
 # Byte ranges closer than this are read in one call (the bytes between are read and dropped).
 READ_GAP = 4096
+# Share of the drawn samples packed as meta-cells: the smallest (in steps of 0.05) that brings
+# more than half of the packed profiles above 3,200 expressed genes, as in scPRINT-2, both on the
+# deepest real file (3.3% of its cells, 6.5% packed without meta-cells, 56% with this share) and
+# on a derived deep input (15.7%, 18.9%, 51%); benchmarks/bench_depth.py,
+# docs/benchmarks/data_prep.md.
+METACELL_FRACTION = 0.75
+EVAL = "eval"  # name of the evaluation stream
 
 
 @dataclass
 class PackConfig:
-    """What goes into the stream and how it is cut into shards."""
+    """What goes into the streams and how they are cut into shards."""
 
-    stream_size: int | None = None  # train samples this epoch; None = number of train cells
-    eval_fraction: float = 0.0  # share of each dataset's cells held out into eval shards
-    metacell_fraction: float = 0.0  # share of drawn samples packed as meta-cells
+    stream_size: int | None = None  # train samples per epoch; None = number of train cells
+    epochs: int = 1  # epochs packed: each its own draw, seed and curriculum gamma
+    eval_fraction: float = 0.0  # share of each training dataset's cells held out into eval
+    eval_datasets: list[str] = field(default_factory=list)  # whole datasets held out into eval
+    metacell_fraction: float = METACELL_FRACTION  # share of drawn samples packed as meta-cells
     shard_samples: int = 1000  # at most this many samples per shard
     shard_mb: float = 256.0  # and at most this many MiB per shard (bound computed up front)
     context_genes: int = CONTEXT_GENES  # pad the gene list with neighbour genes up to this size
@@ -89,6 +98,35 @@ def holdout_mask(n_cells: int, fraction: float, seed: int, name: str) -> np.ndar
     return mask
 
 
+def held_out_cells(name: str, n_cells: int, cfg: PackConfig, seed: int) -> np.ndarray:
+    """The cells of dataset ``name`` that go to the eval shards only: all of them for a dataset
+    named in ``cfg.eval_datasets``, else a seeded ``cfg.eval_fraction`` of them. The graph stage
+    uses the same mask to keep held-out cells out of training samples' neighbours."""
+    if name in cfg.eval_datasets:
+        return np.ones(n_cells, dtype=bool)
+    return holdout_mask(n_cells, cfg.eval_fraction, seed, name)
+
+
+def check_pack_config(cfg: PackConfig, names: list[str]) -> None:
+    """Settings in range, and every ``--eval-datasets`` name a dataset of the build (``names``):
+    a typo would silently train on the dataset meant for evaluation."""
+    if cfg.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, not {cfg.epochs}")
+    for flag, value in (("--eval-fraction", cfg.eval_fraction),
+                        ("--metacell-fraction", cfg.metacell_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} must be in [0, 1], not {value}")
+    unknown = sorted(set(cfg.eval_datasets) - set(names))
+    if unknown:
+        raise ValueError(f"--eval-datasets: no dataset named {', '.join(unknown)} in this build "
+                         f"(datasets: {', '.join(names)})")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s draw: its own stream, reproducible from (seed, epoch)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
 def draw_stream(
     prob: np.ndarray, size: int, metacell_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -114,11 +152,13 @@ def sample_bytes_bound(
     nnz: np.ndarray, nbr_nnz_sum: np.ndarray, n_nbr: np.ndarray, metacell: np.ndarray, context: int
 ) -> np.ndarray:
     """Upper bound of each sample's encoded size, known before packing (so shard boundaries are
-    fixed up front and every shard can be built, skipped or resumed independently)."""
+    fixed up front and every shard can be built, skipped or resumed independently). A meta-cell
+    holds at most the genes of all its members and no neighbours."""
     nnz = nnz.astype(np.int64)
     n_pad = np.minimum(np.maximum(0, context - nnz), nbr_nnz_sum)
     n_genes = np.where(metacell, nnz + nbr_nnz_sum, nnz + n_pad)
     n_expr = np.where(metacell, n_genes, nnz)
+    n_nbr = np.where(metacell, 0, n_nbr)
     return HEADER.itemsize + 4 * (n_genes + n_expr + n_nbr * n_genes + 2 * n_nbr)
 
 
@@ -233,7 +273,9 @@ def align_sample(
 
     Own expressed genes come first in ascending global id; then up to ``context - n_expr`` genes
     only neighbours express, by summed neighbour count (ties: lower id first). A meta-cell's
-    counts are the mean of the cell and its neighbours over the union of their genes.
+    counts are the sum of the cell and its neighbours over the union of their genes (integer
+    counts stay integers: a deeper profile, as in scPRINT-2's code), and it has no neighbours:
+    they are inside its counts, so handing them in would give the target away.
     """
     k = len(nbr_cols)
     ranks = genes.rank[np.concatenate([cell_cols, *nbr_cols])]
@@ -246,7 +288,12 @@ def align_sample(
     )
     dense = np.zeros((k + 1, n_union), dtype=np.float32)
     dense.ravel()[rows + genes.position[ranks]] = vals
-    own = dense.mean(axis=0, dtype=np.float32) if metacell else dense[0]
+    if metacell:
+        own = dense.sum(axis=0)
+        expressed = np.flatnonzero(own > 0)
+        gids = genes.sorted_gid[union[expressed]].astype(np.uint32)
+        return gids, own[expressed], dense[:0, expressed]
+    own = dense[0]
     nbr_sum = dense[1:].sum(axis=0)
     expressed = np.flatnonzero(own > 0)
     extra = np.flatnonzero((own <= 0) & (nbr_sum > 0))
@@ -327,6 +374,7 @@ class _ShardRows:
         codes = self.codes[i].astype(np.int64)
         if metacell:
             nnz, total = counts.shape[0], float(counts.sum(dtype=np.float64))
+            keep = np.zeros_like(keep)
         else:
             nnz, total = int(self.nnz[i]), float(self.total[i])
         return CellSample(
@@ -360,45 +408,70 @@ def save_plan(
     label_maps: list[np.ndarray],
     group: np.ndarray,
     pseudo: np.ndarray,
-    prob: np.ndarray,
-    stream: tuple[np.ndarray, np.ndarray],
-    eval_cells: np.ndarray,
     fingerprint: str,
 ) -> None:
-    """Write the packing plan; ``plan.json`` goes last and marks it complete.
+    """Write the part of the plan every stream shares; ``plan.json`` goes last and marks it
+    complete. The streams (``save_stream``) are added after it, each in its own folder.
 
     ``label_maps[d]`` is int32 [9, n_codes + 1]: global label id of local code c at column c + 1
     (column 0 maps the unknown code -1 to -1).
     """
     plan_dir.mkdir(parents=True, exist_ok=True)
     (plan_dir / "plan.json").unlink(missing_ok=True)
-    for side in (plan_dir / "done").glob("*.json"):
-        side.unlink()
     for ds, c2g, lm in zip(datasets, col2gid, label_maps):
         atomic.save_npy(plan_dir / f"col2gid-{ds.id}.npy", c2g.astype(np.int64))
         atomic.save_npy(plan_dir / f"labelmap-{ds.id}.npy", lm.astype(np.int32))
-    cells, metacell = stream
-    arrays = {"group": group, "pseudo": pseudo, "prob": prob, "train_cells": cells,
-              "train_metacell": metacell, "eval_cells": eval_cells,
-              "eval_metacell": np.zeros(eval_cells.shape[0], dtype=bool)}
-    for name, arr in arrays.items():
-        atomic.save_npy(plan_dir / f"{name}.npy", arr)
-    n_pool = int(np.count_nonzero(prob))
-    for kind in KINDS:
-        size = _member_bounds(datasets, arrays[f"{kind}_cells"], arrays[f"{kind}_metacell"], cfg)
-        bounds = shard_bounds(size, cfg.shard_samples, int(cfg.shard_mb * 2**20))
-        atomic.save_npy(plan_dir / f"{kind}_bounds.npy", bounds)
-    meta = {"config": asdict(cfg), "datasets": [asdict(d) for d in datasets], "n_pool": n_pool,
+    atomic.save_npy(plan_dir / "group.npy", group)
+    atomic.save_npy(plan_dir / "pseudo.npy", pseudo)
+    meta = {"config": asdict(cfg), "datasets": [asdict(d) for d in datasets],
             "fingerprint": fingerprint}
     atomic.write_text(plan_dir / "plan.json", json.dumps(meta, sort_keys=True, indent=1))
 
 
-def plan_fingerprint(plan_dir: Path) -> str | None:
-    """Fingerprint of the complete plan in ``plan_dir`` (None if there is none)."""
+def plan_fingerprint(plan_dir: Path, stream: str | None = None) -> str | None:
+    """Fingerprint of the complete plan in ``plan_dir``, or of one of its streams (None if there
+    is none)."""
+    path = plan_dir / "plan.json" if stream is None else plan_dir / stream / "stream.json"
     try:
-        return json.loads((plan_dir / "plan.json").read_text())["fingerprint"]
+        return json.loads(path.read_text())["fingerprint"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
+
+
+def stream_name(epoch: int) -> str:
+    """The folder of epoch ``epoch``'s stream in the plan and the prefix of its shards."""
+    return f"train-e{epoch:04d}"
+
+
+def save_stream(
+    plan_dir: Path,
+    stream: str,
+    cells: np.ndarray,
+    metacell: np.ndarray,
+    weight: np.ndarray,
+    fingerprint: str,
+    group_target: np.ndarray | None = None,
+) -> None:
+    """Write one stream of the plan (the eval cells, or one epoch's draw, with the group
+    probabilities it was drawn to match) and its shard boundaries; ``stream.json`` goes last.
+    Shards done for an earlier version are forgotten."""
+    meta = json.loads((plan_dir / "plan.json").read_text())
+    cfg = PackConfig(**meta["config"])
+    datasets = [PackDataset(**d) for d in meta["datasets"]]
+    sdir = plan_dir / stream
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / "stream.json").unlink(missing_ok=True)
+    for side in (sdir / "done").glob("*.json"):
+        side.unlink()
+    atomic.save_npy(sdir / "cells.npy", cells.astype(np.int64))
+    atomic.save_npy(sdir / "metacell.npy", metacell.astype(bool))
+    atomic.save_npy(sdir / "weight.npy", weight.astype(np.float64))
+    if group_target is not None:
+        atomic.save_npy(sdir / "group_target.npy", group_target.astype(np.float64))
+    size = _member_bounds(datasets, cells, metacell, cfg)
+    atomic.save_npy(sdir / "bounds.npy", shard_bounds(size, cfg.shard_samples,
+                                                      int(cfg.shard_mb * 2**20)))
+    atomic.write_text(sdir / "stream.json", json.dumps({"fingerprint": fingerprint}))
 
 
 def _dataset_of(datasets: list[PackDataset], cells: np.ndarray) -> np.ndarray:
@@ -427,12 +500,12 @@ def _member_bounds(
     return member_bytes(bound)
 
 
-def shard_name(kind: str, index: int) -> str:
-    return f"shards/{kind}-{index:06d}.tar"
+def shard_name(stream: str, index: int) -> str:
+    return f"shards/{stream}-{index:06d}.tar"
 
 
 class Packer:
-    """Writes the shards of a saved plan; one instance per process."""
+    """Writes the shards of a saved plan's streams; one instance per process."""
 
     def __init__(self, plan_dir: str | Path, out_dir: str | Path):
         self.plan_dir = Path(plan_dir)
@@ -440,17 +513,16 @@ class Packer:
         meta = json.loads((self.plan_dir / "plan.json").read_text())
         self.cfg = PackConfig(**meta["config"])
         self.datasets = [PackDataset(**d) for d in meta["datasets"]]
-        self.n_pool = meta["n_pool"]
         self.fault_after = int(os.environ.get(FAULT_ENV, "0"))
         self.written = 0
 
-    def n_shards(self, kind: str) -> int:
-        return np.load(self.plan_dir / f"{kind}_bounds.npy").shape[0] - 1
+    def n_shards(self, stream: str) -> int:
+        return np.load(self.plan_dir / stream / "bounds.npy").shape[0] - 1
 
-    def done_record(self, kind: str, index: int) -> dict | None:
+    def done_record(self, stream: str, index: int) -> dict | None:
         """The record of a finished shard, or None if it must be (re)built."""
-        path = self.out_dir / shard_name(kind, index)
-        side = self.plan_dir / "done" / f"{kind}-{index:06d}.json"
+        path = self.out_dir / shard_name(stream, index)
+        side = self.plan_dir / stream / "done" / f"{index:06d}.json"
         if not path.exists() or not side.exists():
             return None
         rec = json.loads(side.read_text())
@@ -458,21 +530,19 @@ class Packer:
             return None
         return rec
 
-    def pack(self, kind: str, index: int) -> dict:
-        """Build shard ``index`` of ``kind`` unless it is already done; return its record."""
-        rec = self.done_record(kind, index)
+    def pack(self, stream: str, index: int) -> dict:
+        """Build shard ``index`` of ``stream`` unless it is already done; return its record."""
+        rec = self.done_record(stream, index)
         if rec is not None:
             return rec
-        bounds = np.load(self.plan_dir / f"{kind}_bounds.npy")
+        sdir = self.plan_dir / stream
+        bounds = np.load(sdir / "bounds.npy")
         start, end = int(bounds[index]), int(bounds[index + 1])
-        cells = read_range(self.plan_dir / f"{kind}_cells.npy", start, end)
-        metacell = read_range(self.plan_dir / f"{kind}_metacell.npy", start, end)
+        cells = read_range(sdir / "cells.npy", start, end)
+        metacell = read_range(sdir / "metacell.npy", start, end)
+        weight = read_range(sdir / "weight.npy", start, end)
         group = read_rows(self.plan_dir / "group.npy", cells).astype(np.int64)
         pseudo = read_rows(self.plan_dir / "pseudo.npy", cells).astype(np.int64)
-        if kind == "train":
-            weight = read_rows(self.plan_dir / "prob.npy", cells) * self.n_pool
-        else:
-            weight = np.ones(cells.shape[0])
         ds_of = _dataset_of(self.datasets, cells)
         # each sample's dataset and its index among that dataset's rows of this shard
         order = np.argsort(ds_of, kind="stable")
@@ -483,7 +553,7 @@ class Packer:
                                     cells[ds_of == d] - self.datasets[d].offset,
                                     self.cfg.neighbours) for d in np.unique(ds_of)}
         n_expr = np.zeros(cells.shape[0], dtype=np.int64)
-        path = self.out_dir / shard_name(kind, index)
+        path = self.out_dir / shard_name(stream, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -499,13 +569,12 @@ class Packer:
                         _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}",
                                     encode_sample(sample))
                         self._count_for_fault()
-            rec = {"path": shard_name(kind, index), "n_samples": end - start,
+            rec = {"path": shard_name(stream, index), "n_samples": end - start,
                    "bytes": out.n, "sha256": out.hash.hexdigest(),
                    "stats": {"n_expr_hist": np.histogram(n_expr, N_EXPR_EDGES)[0].tolist(),
                              "n_above_context": int((n_expr > self.cfg.context_genes).sum()),
                              "n_metacells": int(metacell.sum())}}
-            atomic.write_text(self.plan_dir / "done" / f"{kind}-{index:06d}.json",
-                              json.dumps(rec, sort_keys=True))
+            atomic.write_text(sdir / "done" / f"{index:06d}.json", json.dumps(rec, sort_keys=True))
         del parts
         _release_heap()
         return rec
@@ -571,37 +640,41 @@ def _init_worker(plan_dir: str, out_dir: str) -> None:
     _WORKER = Packer(plan_dir, out_dir)
 
 
-def _pack_in_worker(kind: str, index: int) -> dict:
+def _pack_in_worker(stream: str, index: int) -> dict:
     assert _WORKER is not None
-    return _WORKER.pack(kind, index)
+    return _WORKER.pack(stream, index)
 
 
-def pack_all(plan_dir: Path, out_dir: Path, jobs: int, mp_context, progress) -> dict[str, list]:
-    """Build every shard of the plan (in ``jobs`` processes when > 1); return records by kind.
+def pack_all(plan_dir: Path, out_dir: Path, streams: list[str], jobs: int, mp_context,
+             progress) -> dict[str, list]:
+    """Build every shard of the plan's ``streams`` (in ``jobs`` processes when > 1); return
+    their records by stream. Shards already done are checked and kept; shards of other streams
+    (an earlier configuration, epochs no longer asked for) are removed.
 
-    ``progress(total, desc)`` returns a tqdm-like bar. Shards already done are checked and kept.
+    ``progress(total, desc)`` returns a tqdm-like bar.
     """
     atomic.remove_stale_tmp(out_dir / "shards")
     packer = Packer(plan_dir, out_dir)
-    tasks = [(kind, i) for kind in KINDS for i in range(packer.n_shards(kind))]
+    tasks = [(stream, i) for stream in streams for i in range(packer.n_shards(stream))]
     records: dict[tuple[str, int], dict] = {}
     bar = progress(len(tasks), "pack shards")
     if jobs <= 1:
-        for kind, i in tasks:
-            records[kind, i] = packer.pack(kind, i)
+        for stream, i in tasks:
+            records[stream, i] = packer.pack(stream, i)
             bar.update(1)
     else:
         with ProcessPoolExecutor(
             jobs, mp_context=mp_context, initializer=_init_worker,
             initargs=(str(plan_dir), str(out_dir)),
         ) as pool:
-            futures = {pool.submit(_pack_in_worker, kind, i): (kind, i) for kind, i in tasks}
+            futures = {pool.submit(_pack_in_worker, stream, i): (stream, i)
+                       for stream, i in tasks}
             for fut, key in futures.items():
                 records[key] = fut.result()
                 bar.update(1)
     bar.close()
     _remove_extra_shards(out_dir, {rec["path"] for rec in records.values()})
-    return {kind: [records[k, i] for k, i in tasks if k == kind] for kind in KINDS}
+    return {stream: [records[k, i] for k, i in tasks if k == stream] for stream in streams}
 
 
 def _remove_extra_shards(out_dir: Path, keep: set[str]) -> None:

@@ -25,15 +25,17 @@ BEFORE, AFTER, TARGET = "#7f7f7f", "#d62728", "#1f77b4"
 PNG_META = {"Software": None}  # no version string: same bytes across matplotlib patch releases
 
 
-def collect(loaded, datasets, group, prob, pool, nnz, shards, stream_cells, labels,
-            context: int) -> dict:
-    """Numbers behind the figures. O(cells) arrays in, small tables out."""
+def collect(loaded, datasets, group, target, pool, nnz, train, draws, labels, context: int,
+            epochs: list[dict]) -> dict:
+    """Numbers behind the figures. O(cells) arrays in, small tables out.
+
+    ``target`` is the group target of the whole packed stream (the mean of the epochs' targets,
+    whose gammas differ), ``train`` the train shard records of all epochs, ``draws`` how many
+    times each cell was drawn over all epochs, ``epochs`` the manifest's per-epoch entries.
+    """
     n_total = group.shape[0]
-    stream_cells = np.asarray(stream_cells)
-    train = shards["train"]
     n_stream = max(1, sum(s["n_samples"] for s in train))
     after_hist = np.sum([s["stats"]["n_expr_hist"] for s in train], axis=0) if train else None
-    draws = np.bincount(stream_cells, minlength=n_total)
     n_groups = int(group.max()) + 1 if n_total else 0
     classes = {}
     for j, cls in enumerate(CLASSES):
@@ -59,8 +61,9 @@ def collect(loaded, datasets, group, prob, pool, nnz, shards, stream_cells, labe
         "n_stream": n_stream,
         "n_metacells": int(sum(s["stats"]["n_metacells"] for s in train)),
         "group_before": np.bincount(group[pool], minlength=n_groups) / max(1, pool.sum()),
-        "group_target": np.bincount(group, weights=prob, minlength=n_groups),
-        "group_after": np.bincount(group[stream_cells], minlength=n_groups) / n_stream,
+        "group_target": np.pad(target, (0, n_groups - target.shape[0])),
+        "group_after": np.bincount(group, weights=draws, minlength=n_groups) / n_stream,
+        "epochs": epochs,
         "classes": classes,
         "datasets": [{"name": x.rec.name, "organism": x.ds.organism.name or x.ds.organism.curie,
                       "n_cells": x.ds.n_cells, "n_clusters": int(x.graph_meta.get("n_clusters", 0))}
@@ -100,6 +103,12 @@ def summary(manifest: dict, stats: dict) -> str:
         f"meta-cells      {stats['n_metacells']:,}",
         f"> {stats['context']:,} expressed genes: {100 * stats['share_above_before']:.1f}% of "
         f"input cells, {100 * stats['share_above_after']:.1f}% of packed samples",
+        "",
+        "epoch  gamma  seed        samples  distinct cells  meta-cells  > context  group TV",
+        *(f"{e['epoch']:>5}  {e['gamma']:.3f}  {e['seed']:<10}  {e['n_samples']:>7,}  "
+          f"{e['n_distinct_cells']:>14,}  {e['n_metacells']:>10,}  "
+          f"{100 * e['share_above_context']:>8.1f}%  {e['group_tv']:>8.3f}"
+          for e in stats["epochs"]),
         "",
         "per dataset (input = packed + held out + dropped)",
     ]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "scpretrain-cells"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta-cells sum their members and carry no neighbours; epochs
 MAGIC = b"SCC1"
 SAMPLE_EXT = "cell"
 MANIFEST = "manifest.json"
@@ -38,7 +38,9 @@ UNKNOWN = -1
 MAX_NEIGHBOURS = 6
 CONTEXT_GENES = 3200
 
-FLAG_METACELL = 1  # counts are the mean of the cell and its neighbours
+# counts are the sum of the cell and its neighbours over their gene union (integers, a deeper
+# profile); a meta-cell carries no neighbours, since they are inside its counts
+FLAG_METACELL = 1
 
 HEADER = np.dtype(
     [

@@ -3,7 +3,8 @@
     python -m data_prep.verify OUT
 
 Each shard listed in OUT/manifest.json must exist with the recorded size and sha256, hold exactly
-the recorded number of ``.cell`` members, all with unique keys, and every sample must decode.
+the recorded number of ``.cell`` members, all with keys unique within their stream (an epoch, or
+the eval shards), and every sample must decode; each epoch's shards add up to its sample count.
 Prints one line per problem; exit status 1 if there is any, 0 when all is well.
 """
 
@@ -57,10 +58,19 @@ def verify(out: str | Path) -> list[str]:
     out = Path(out)
     manifest = load_manifest(out)
     problems = []
-    for kind in ("shards", "eval_shards"):
+    streams: dict[str, list[dict]] = {}
+    for entry in manifest["shards"]:
+        streams.setdefault(f"epoch {entry['epoch']}", []).append(entry)
+    streams["eval"] = manifest["eval_shards"]
+    for entries in streams.values():
         keys: set[str] = set()  # keys are positions within one stream
-        for entry in manifest[kind]:
+        for entry in entries:
             problems += check_shard(out, entry, keys)
+    for epoch in manifest["epochs"]:
+        listed = sum(e["n_samples"] for e in streams.get(f"epoch {epoch['epoch']}", []))
+        if listed != epoch["n_samples"]:
+            problems.append(f"manifest: epoch {epoch['epoch']} shards hold {listed} samples, "
+                            f"its entry says {epoch['n_samples']}")
     for kind, total in (("shards", "n_samples"), ("eval_shards", "n_eval_samples")):
         listed = sum(e["n_samples"] for e in manifest[kind])
         if listed != manifest[total]:

@@ -23,6 +23,12 @@ DEPTH_SLOPE = 0.003
 DEPTH_MIDPOINT = 2000.0
 CURRICULUM_OFFSET = 5.0
 CURRICULUM_SPAN = 15.0
+# Whether an annotated cell type is one group across datasets (True) or one per dataset and
+# Leiden cluster (False). Pooled, a cell type seen in D datasets no longer gets up to D times
+# the group cap: on real PBMC cells split into two datasets it evened the cell types (effective
+# number 8.3 -> 9.2 of 13) and gave the two-dataset tissue 47% instead of 53% of the stream next
+# to a third dataset, with every cluster still drawn (benchmarks/bench_groups.py, docs/training.md).
+POOL_CELL_TYPES = True
 
 
 def group_weight(n_c, S: float = GROUP_SCALE, gamma: float = 1.0) -> np.ndarray:

@@ -2,12 +2,16 @@
 
 Why it looks like this:
 
-- Every (rank, worker) pair is one *slot* of ``world_size * num_workers``. Epoch ``e`` permutes the
-  manifest's shards with ``seed + e`` (the same on every rank) and deals them round-robin to the
-  slots, so within an epoch each shard is read by exactly one slot. With fewer shards than slots
-  every slot reads every shard and keeps every ``n_slots``-th sample instead. Either way the
-  ranks' sample ids are disjoint within an epoch and together cover it. Epochs never end for
-  training (the scPRINT-2 sampler is not rank-aware; this is the fix).
+- Every (rank, worker) pair is one *slot* of ``world_size * num_workers``. The build packs one
+  fresh weighted draw per epoch (``manifest["epochs"]``; each train shard names its ``epoch``).
+  Loader epoch ``t`` reads packed epoch ``t mod E``: its shards, permuted with ``seed + t`` (the
+  same on every rank), dealt round-robin to the slots, so within an epoch each shard is read by
+  exactly one slot; epoch e's shards come after e-1's. With fewer shards than slots every slot
+  reads every shard and keeps every ``n_slots``-th sample instead. Either way the ranks' sample
+  ids are disjoint within an epoch and together cover it. Past the last packed epoch the stream
+  says so (a warning, and ``stats["passes"]``, which the trainer writes to TensorBoard) and
+  starts again from the first: training never ends for lack of data (the scPRINT-2 sampler is
+  not rank-aware; this is the fix), but a run that wraps replays draws it has seen.
 - The shuffle is a block shuffle: each run of ``shuffle_buffer`` stream positions is permuted with
   a key of (seed, epoch, slot, block). All batch randomness (context length, neighbour count,
   context genes, corruption) is keyed by (seed, slot, batch index). So the stream position is one
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import mmap
 import os
@@ -66,6 +71,7 @@ from webdataset.tariterators import tar_file_iterator
 from data_prep.shard_format import (
     CLASSES,
     CONTEXT_GENES,
+    FLAG_METACELL,
     FORMAT_NAME,
     FORMAT_VERSION,
     HEADER,
@@ -78,7 +84,9 @@ from data_prep.shard_format import (
 
 HEADER_WORDS = HEADER.itemsize // 4
 _PREFIX = struct.Struct("<4sHHIII")  # magic, version, flags, n_expr, n_pad, n_nbr
-_STATS = ("corrupt_shards", "corrupt_samples")
+_STATS = ("corrupt_shards", "corrupt_samples")  # counters, summed over a rank's workers
+_POSITION = ("epoch", "passes")  # where the latest batch came from
+log = logging.getLogger(__name__)
 Item = tuple[int, np.ndarray, int]  # sample id, buffer as uint32 words, word offset of the sample
 
 
@@ -140,19 +148,26 @@ class ShardStream:
         if not self.shards:
             raise ValueError(f"{self.root}: the manifest lists no {cfg.split} shards")
         self.train = cfg.split == "train"
+        self.epochs = packed_epochs(self.shards) if self.train else [0]
+        of = [e.get("epoch", 0) if self.train else 0 for e in self.shards]
+        self.epoch_shards = [np.flatnonzero(np.array(of) == e) for e in self.epochs]
         self.slot, self.n_slots = slot, n_slots
         self.seed, self.block = cfg.seed, cfg.shuffle_buffer if self.train else 1
-        self.by_sample = len(self.shards) < n_slots
         self.sources = [_locate(cfg.shards, e["path"]) for e in self.shards]
         self.readers = [_pick_reader(cfg.reader, src) for src in self.sources]
-        self.stats = dict.fromkeys(_STATS, 0)
+        self.stats = dict.fromkeys(_STATS + _POSITION, 0)
+
+    def by_sample(self, epoch: int) -> bool:
+        """Whether loader epoch ``epoch`` has fewer shards than slots (deal samples instead)."""
+        return len(self.epoch_shards[epoch % len(self.epochs)]) < self.n_slots
 
     def plan(self, epoch: int) -> list[tuple[int, int]]:
-        """(shard index, samples of it that are this slot's) in this epoch's reading order."""
-        order = np.arange(len(self.shards))
+        """(shard index, samples of it that are this slot's) in loader epoch ``epoch``'s reading
+        order (it reads packed epoch ``epochs[epoch % E]``)."""
+        order = self.epoch_shards[epoch % len(self.epochs)]
         if self.train:
             order = _key(self.seed, 0, epoch).permutation(order)
-        if self.by_sample:
+        if self.by_sample(epoch):
             return [(int(s), len(range(self.slot, self.shards[s]["n_samples"], self.n_slots)))
                     for s in order]
         return [(int(s), self.shards[s]["n_samples"]) for s in order[self.slot :: self.n_slots]]
@@ -167,6 +182,7 @@ class ShardStream:
         if self.epoch_size(epoch) == 0:
             raise ValueError(f"{self.root}: slot {self.slot}/{self.n_slots} has no samples")
         while True:
+            self._enter(epoch, resumed=start > 0)
             block0 = start - start % self.block
             got = 0
             for b, block in enumerate(self._blocks(epoch, block0)):
@@ -179,13 +195,22 @@ class ShardStream:
                 raise RuntimeError(f"{self.root}: no readable sample in epoch {epoch}")
             start, epoch = 0, epoch + 1
 
+    def _enter(self, epoch: int, resumed: bool) -> None:
+        """Record which packed epoch the stream reads; say so when it starts a new pass."""
+        passes, j = divmod(epoch, len(self.epochs))
+        self.stats["epoch"], self.stats["passes"] = self.epochs[j], passes
+        if passes and j == 0 and not resumed and self.train:
+            log.warning("%s: slot %d ran past the last packed epoch (%d); starting again from "
+                        "epoch %d (pass %d): pack more epochs for fresh draws", self.root,
+                        self.slot, self.epochs[-1], self.epochs[0], passes + 1)
+
     def _blocks(self, epoch: int, start: int) -> Iterator[list[Item]]:
         pos, block = 0, []
         for shard, n in self.plan(epoch):
             if pos + n <= start:
                 pos += n
                 continue
-            for items in self._read(shard, max(0, start - pos)):
+            for items in self._read(shard, max(0, start - pos), self.by_sample(epoch)):
                 at = 0
                 while at < len(items):
                     take = self.block - len(block)
@@ -198,14 +223,14 @@ class ShardStream:
         if block:
             yield block
 
-    def _read(self, shard: int, skip: int) -> Iterator[list[Item]]:
+    def _read(self, shard: int, skip: int, by_sample: bool) -> Iterator[list[Item]]:
         """This slot's valid samples of one shard after its first ``skip`` ones, in runs."""
         src = self.sources[shard]
         chunks = _mmap_chunks(src) if self.readers[shard] == "mmap" else _wds_chunks(src)
         seen = kept = 0  # .cell members of the shard / of this slot
         try:
             for words, keys, offs, sizes in chunks:
-                if self.by_sample:
+                if by_sample:
                     mine = (np.arange(seen, seen + len(keys)) % self.n_slots) == self.slot
                     seen += len(keys)
                     keys, offs, sizes = keys[mine], offs[mine], sizes[mine]
@@ -223,6 +248,12 @@ class ShardStream:
         except (OSError, tarfile.TarError, ValueError) as e:
             self.stats["corrupt_shards"] += 1
             warnings.warn(f"{src}: unreadable shard ({e}); rest of it skipped", stacklevel=2)
+
+
+def packed_epochs(shards: list[dict]) -> list[int]:
+    """The packed epochs of a manifest's train shards, in reading order (a manifest without
+    epochs is one epoch, 0)."""
+    return sorted({e.get("epoch", 0) for e in shards})
 
 
 def _is_url(path: str) -> bool:
@@ -616,6 +647,10 @@ class BatchBuilder:
         if k is None:
             k = int(rng.integers(0, cfg.max_neighbours + 1))
         zeroed = rng.random(B) < cfg.full_pass_prob
+        # a meta-cell has no neighbours to reconstruct it from: never zero its own input
+        flags = np.fromiter((words[s + _W_VERSION] >> 16 for _, words, s in items),
+                            dtype=np.int64, count=B)
+        zeroed &= (flags & FLAG_METACELL) == 0
         p = cfg.mask_scale * rng.uniform(0.0, cfg.mask_max, size=(cfg.views, B))
         seed = rng.integers(0, 2**64, dtype=np.uint64)
 
@@ -696,7 +731,7 @@ class CellBatches(IterableDataset):
             if len(items) == B:
                 batch = build(items, _key(self.cfg.seed, 2, slot, n_slots, b))
                 if info:  # counters travel with the batch out of the worker process
-                    batch["_stats"] = torch.tensor([stream.stats[s] for s in _STATS])
+                    batch["_stats"] = torch.tensor([stream.stats[s] for s in _STATS + _POSITION])
                 yield batch
                 items, b = [], b + 1
 
@@ -709,26 +744,44 @@ class CellLoader:
         self.cfg = cfg
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.batches = 0  # batches handed to the trainer: the stream position
-        self.stats = dict.fromkeys(_STATS, 0)
+        self.stats = dict.fromkeys(_STATS + _POSITION, 0)
         self._worker_stats: dict[int, list[int]] = {}
         if cfg.split == "eval":
             n_slots = self.world_size * max(cfg.num_workers, 1)
             sizes = [ShardStream(cfg, self.rank * max(cfg.num_workers, 1) + w, n_slots)
                      .epoch_size(0) for w in range(max(cfg.num_workers, 1))]
             self.n_batches = sum(-(-s // cfg.batch_size) for s in sizes)
+        else:
+            self.epochs = packed_epochs(_load_manifest(cfg.shards)["shards"])
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "seed": self.cfg.seed, "rank": self.rank,
-                "world_size": self.world_size, "num_workers": self.cfg.num_workers,
-                "batch_size": self.cfg.batch_size}
+        state = {"batches": self.batches, "seed": self.cfg.seed, "rank": self.rank,
+                 "world_size": self.world_size, "num_workers": self.cfg.num_workers,
+                 "batch_size": self.cfg.batch_size}
+        if self.cfg.split == "train":
+            state.update({"epoch": self.stats["epoch"], "passes": self.stats["passes"],
+                          "epochs": list(self.epochs)})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` was saved. The manifest may have gained epochs since (packed
+        while training went on): the position stays exact if the run had not yet wrapped."""
         mine = self.state_dict()
         for key in ("seed", "rank", "world_size", "num_workers", "batch_size"):
             if state[key] != mine[key]:
                 raise ValueError(f"loader state is for {key}={state[key]}, this loader has "
                                  f"{mine[key]}: the stream cannot resume exactly")
+        old = state.get("epochs", mine.get("epochs"))
+        if old != mine.get("epochs"):
+            new = mine["epochs"]
+            if new[: len(old)] != old or state["passes"]:
+                raise ValueError(
+                    f"loader state was saved over packed epochs {old} (pass "
+                    f"{state['passes'] + 1}), the manifest now has {new}: the position can be "
+                    "kept only when epochs were added after the saved ones before a wrap")
         self.batches = int(state["batches"])
+        for key in _POSITION:
+            self.stats[key] = int(state.get(key, 0))
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
@@ -739,11 +792,13 @@ class CellLoader:
                             persistent_workers=False)
         for i, batch in enumerate(loader):
             if cfg.num_workers:
-                self._worker_stats[i % cfg.num_workers] = batch.pop("_stats").tolist()
+                latest = batch.pop("_stats").tolist()
             else:
-                self._worker_stats[0] = [data.stream.stats[s] for s in _STATS]
+                latest = [data.stream.stats[s] for s in _STATS + _POSITION]
+            self._worker_stats[i % max(cfg.num_workers, 1)] = latest
             for j, name in enumerate(_STATS):
                 self.stats[name] = sum(t[j] for t in self._worker_stats.values())
             if cfg.split == "train":
+                self.stats.update(zip(_POSITION, latest[len(_STATS):]))
                 self.batches += 1
             yield batch

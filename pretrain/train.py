@@ -401,6 +401,8 @@ class Trainer:
             if cuda > 0:
                 w.add_scalar(f"memory/cuda_max_gib/rank{r}", cuda / 2**30, step)
         w.add_scalar("data/corrupt_shards", total["corrupt_shards"], step)
+        w.add_scalar("data/epoch", self.loader.stats["epoch"], step)  # packed epoch, rank 0
+        w.add_scalar("data/passes", self.loader.stats["passes"], step)  # > 0: replaying draws
         return mean_loss
 
     def run_eval(self) -> None:

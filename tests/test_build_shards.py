@@ -1,4 +1,5 @@
-"""End-to-end: all real multi-organism files -> shards, manifest, report; resume, merge, verify.
+"""End-to-end: all real multi-organism files -> shards, manifest, report; epochs, a held-out
+dataset and held-out cells that leak nothing, resume, merge, verify.
 
 One module-scoped build over the 6 real files (4 taxa) plus a bad file is shared by the tests;
 the resumed and merged builds reuse its per-dataset artifacts where the test is not about them.
@@ -13,11 +14,11 @@ import tarfile
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import webdataset as wds
 
 from data_prep import verify
 from data_prep.shard_format import CLASSES, decode_sample, load_manifest
-from data_prep.weights import group_probabilities
 
 FIXTURE = "human_cellxgene_schema_fixture_320cells_136genes_raw.h5ad"
 PANELS = {FIXTURE: 100}  # min_dataset_genes override: the 136-gene fixture is accepted
@@ -33,8 +34,9 @@ FILES = {  # file -> (organism, cell_type column, sex column)
 }
 SMALL = ["mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad",
          "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad"]
-FLAGS = ["--min-genes", "100", "--shard-samples", "300", "--stream-size", "1200",
+FLAGS = ["--min-genes", "100", "--shard-samples", "300", "--stream-size", "600", "--epochs", "2",
          "--eval-fraction", "0.05", "--metacell-fraction", "0.2", "--seed", "7", "--quiet"]
+EVAL_DATASET = "human_cellxgene_schema_fixture_320cells_136genes_raw"  # held out whole
 
 
 def _cli(module, *args, env=None, check=True):
@@ -81,7 +83,8 @@ def first(tmp_path_factory, real_data):
 def build(tmp_path_factory, real_data, bad_file, first):
     root = tmp_path_factory.mktemp("build")
     _write_sheet(root / "sheet.csv", real_data, list(FILES))
-    args = ["--sheet", root / "sheet.csv", bad_file, "--vocab", first / "vocab", *FLAGS]
+    args = ["--sheet", root / "sheet.csv", bad_file, "--vocab", first / "vocab", *FLAGS,
+            "--eval-datasets", EVAL_DATASET]
     _cli("data_prep.build_shards", *args, "--out", root / "out", "--jobs", "2")
     return {"root": root, "out": root / "out", "args": args}
 
@@ -100,9 +103,14 @@ def test_all_organisms_in_one_build(build):
     labels = json.loads((build["out"] / man["labels"]["file"]).read_text())
     cell_types = set(labels["classes"]["cell_type"])
     assert {"CD14 Mono", "B"} <= cell_types  # PBMC column from the sheet
+    pseudo = set(labels["pseudo_label"])  # annotated types pooled, unannotated per dataset
+    assert {"*/CD14 Mono", "*/B"} <= pseudo
+    assert any(p.startswith("mouse_brain_10x_scanpy_10kcells_1000genes_raw/unknown_")
+               for p in pseudo)
     assert len(cell_types) > 13 + 18  # + stomach (sheet column) and fly annotations
     assert man["n_samples"] == 1200 and man["n_eval_samples"] > 0
     assert man["stream"]["n_metacells"] == 240
+    assert [e["n_metacells"] for e in man["epochs"]] == [120, 120]
     for name in ("expressed_genes", "group_frequencies", "class_frequencies",
                  "clusters_per_dataset"):
         assert (build["out"] / "report" / f"{name}.png").stat().st_size > 10_000
@@ -135,30 +143,102 @@ def test_stock_readers_and_sample_contents(build):
                 assert s.nbr_dist.shape[0] <= 6 and s.weight > 0
                 groups.append(s.group)
     assert n_tar == man["n_samples"]
-    urls = [str(out / s["path"]) for s in man["shards"]]
-    keys = [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False)]
-    assert len(keys) == man["n_samples"] == len(set(keys))
-    # the packed stream is exactly the drawn stream
+    for epoch in (0, 1):  # keys are positions within their epoch
+        urls = [str(out / s["path"]) for s in man["shards"] if s["epoch"] == epoch]
+        keys = [sample["__key__"] for sample in wds.WebDataset(urls, shardshuffle=False)]
+        assert len(keys) == 600 == len(set(keys))
+    # the packed stream is exactly the drawn stream, epoch after epoch
     plan = out / "work" / "pack"
-    drawn = np.load(plan / "group.npy")[np.load(plan / "train_cells.npy")]
+    drawn = np.load(plan / "group.npy")[np.concatenate(
+        [np.load(plan / f"train-e{e:04d}" / "cells.npy") for e in (0, 1)])]
     np.testing.assert_array_equal(groups, drawn)
 
 
-def test_stream_matches_target_group_weights(build):
-    plan = build["out"] / "work" / "pack"
-    group, prob = np.load(plan / "group.npy"), np.load(plan / "prob.npy")
-    target = group_probabilities(group, prob)
-    from data_prep.pack import draw_stream
-
-    cells, _ = draw_stream(prob, 200_000, 0.0, seed=7)  # the build's sampler, a big stream
-    freq = np.bincount(group[cells], minlength=target.size) / cells.size
-    assert 0.5 * np.abs(freq - target).sum() <= 0.05
-    # weighting works: the biggest group lost share, held-out cells are never drawn
-    before = np.bincount(group[prob > 0], minlength=target.size)
-    assert target[before.argmax()] < before.max() / before.sum()
+def test_epochs_are_fresh_draws_with_a_rising_gamma(build):
     man = load_manifest(build["out"])
-    n_pool = sum(a["packed"] for a in man["accounting"]["datasets"].values())
-    assert np.count_nonzero(prob) == n_pool
+    plan = build["out"] / "work" / "pack"
+    epochs = man["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert [e["gamma"] for e in epochs] == pytest.approx([5 / 15, 6 / 15])
+    assert epochs[0]["seed"] != epochs[1]["seed"]
+    assert [s["epoch"] for s in man["shards"]] == [0, 0, 1, 1]
+    cells = [np.load(plan / f"train-e{e:04d}" / "cells.npy") for e in (0, 1)]
+    assert (cells[0] != cells[1]).mean() > 0.9
+    assert len(np.union1d(cells[0], cells[1])) > max(len(np.unique(c)) for c in cells)
+    group = np.load(plan / "group.npy")
+    for e, c in zip(epochs, cells):
+        assert e["n_samples"] == 600 and e["n_distinct_cells"] == len(np.unique(c))
+        assert 0 <= e["share_above_context"] <= 1
+        target = np.load(plan / f"train-e{e['epoch']:04d}" / "group_target.npy")
+        freq = np.bincount(group[c], minlength=target.size) / c.size
+        assert e["group_tv"] == pytest.approx(0.5 * np.abs(freq - target).sum(), abs=1e-6)
+    # a lower gamma flattens the group masses: the biggest group's target share is smaller
+    t0, t1 = (np.load(plan / f"train-e{e:04d}" / "group_target.npy") for e in (0, 1))
+    assert t0.max() < t1.max()
+    summary = (build["out"] / "report" / "summary.txt").read_text()
+    assert "epoch  gamma" in summary and "0.400" in summary
+
+
+def _samples(out, entries):
+    for shard in entries:
+        with tarfile.open(out / shard["path"]) as tar:
+            for m in tar.getmembers():
+                yield decode_sample(tar.extractfile(m).read())
+
+
+def test_held_out_dataset_is_only_in_eval_shards(build):
+    out = build["out"]
+    man = load_manifest(out)
+    (ds,) = [d for d in man["datasets"] if d["name"] == EVAL_DATASET]
+    assert ds["split"] == "eval"
+    assert {d["split"] for d in man["datasets"] if d is not ds} == {"train"}
+    acc = man["accounting"]["datasets"][EVAL_DATASET]
+    assert acc["packed"] == 0 and acc["held_out"] == ds["n_kept"] > 0
+    assert not any(s.dataset == ds["id"] for s in _samples(out, man["shards"]))
+    held = [s for s in _samples(out, man["eval_shards"]) if s.dataset == ds["id"]]
+    assert sorted(s.cell for s in held) == sorted(set(s.cell for s in held))  # each once
+    assert len(held) == ds["n_kept"]
+    assert all(s.weight == 1.0 and not s.is_metacell for s in held)
+
+
+def test_no_eval_cell_in_any_training_sample(build):
+    """Not as the cell, not as a neighbour, not as a member of a meta-cell; meta-cells are the
+    integer sum of their members' counts and carry no neighbours."""
+    out = build["out"]
+    man = load_manifest(out)
+    work, plan = out / "work" / "datasets", out / "work" / "pack"
+    held = {(s.dataset, s.cell) for s in _samples(out, man["eval_shards"])}
+    fraction_held = {d for d, _ in held} - {d["id"] for d in man["datasets"]
+                                            if d["split"] == "eval"}
+    assert len(fraction_held) >= 4  # --eval-fraction cells of the training datasets
+    graphs = {}
+    for d in man["datasets"]:
+        ing = work / d["name"] / "ingest"
+        cells = np.load(ing / "cells.npy")
+        graphs[d["id"]] = (cells, np.load(work / d["name"] / "graph" / "nbr_idx.npy"),
+                           sp.csr_matrix((np.load(ing / "data.npy"), np.load(ing / "indices.npy"),
+                                          np.load(ing / "indptr.npy"))),
+                           np.load(plan / f"col2gid-{d['id']}.npy"))
+    n_meta = n_nbr = 0
+    for s in _samples(out, man["shards"]):
+        assert (s.dataset, s.cell) not in held
+        assert not {(s.dataset, int(c)) for c in s.nbr_cells} & held
+        n_nbr += len(s.nbr_cells)
+        if not s.is_metacell:
+            continue
+        n_meta += 1
+        cells, nbr_idx, counts, col2gid = graphs[s.dataset]
+        row = int(np.searchsorted(cells, s.cell))
+        members = [row, *(int(j) for j in nbr_idx[row, :6] if j >= 0)]
+        assert len(members) > 1 and s.nbr_dist.shape == (0,) and s.nbr_counts.shape[0] == 0
+        assert not {(s.dataset, int(cells[m])) for m in members} & held
+        total = np.asarray(counts[members].sum(axis=0)).ravel()
+        cols = np.flatnonzero(total)
+        order = np.argsort(col2gid[cols])
+        np.testing.assert_array_equal(s.gene_ids, col2gid[cols][order])
+        np.testing.assert_array_equal(s.counts, total[cols][order])
+        assert (s.counts == np.round(s.counts)).all() and s.nnz == len(cols)
+    assert n_meta == 240 and n_nbr > 1000
 
 
 def test_packed_shards_realise_the_target_group_weights(tmp_path, real_data):
@@ -168,20 +248,40 @@ def test_packed_shards_realise_the_target_group_weights(tmp_path, real_data):
     _write_sheet(tmp_path / "sheet.csv", real_data, [pbmc])
     out = tmp_path / "out"
     _cli("data_prep.build_shards", "--sheet", tmp_path / "sheet.csv", "--out", out,
-         "--stream-size", "8000", "--shard-samples", "4000", "--context-genes", "0", "--quiet")
+         "--stream-size", "8000", "--shard-samples", "4000", "--context-genes", "0", "--quiet",
+         "--no-pool-cell-types")
     man = load_manifest(out)
     groups = [decode_sample(sample["cell"]).group
               for sample in wds.WebDataset([str(out / s["path"]) for s in man["shards"]],
                                            shardshuffle=False)]
     assert len(groups) == 8000
-    plan = out / "work" / "pack"
-    target = group_probabilities(np.load(plan / "group.npy"), np.load(plan / "prob.npy"))
+    target = np.load(out / "work" / "pack" / "train-e0000" / "group_target.npy")
     assert target.size > 10  # cell type x Leiden cluster pseudo-labels
     freq = np.bincount(groups, minlength=target.size) / len(groups)
     assert 0.5 * np.abs(freq - target).sum() <= 0.05
     # and the weighting matters: uniform sampling of cells would be far from the target
-    uniform = np.bincount(np.load(plan / "group.npy"), minlength=target.size)
+    uniform = np.bincount(np.load(out / "work" / "pack" / "group.npy"), minlength=target.size)
     assert 0.5 * np.abs(uniform / uniform.sum() - target).sum() > 0.1
+
+
+def test_pooled_cell_types_share_a_pseudo_label_across_datasets():
+    from types import SimpleNamespace
+
+    from data_prep.assemble import _pseudo_names
+
+    def dataset(name, types, values, codes):
+        label_codes = np.full((len(codes), len(CLASSES)), -1)
+        label_codes[:, 0] = types
+        return SimpleNamespace(rec=SimpleNamespace(name=name), pseudo_values=values,
+                               pseudo_codes=np.array(codes),
+                               ds=SimpleNamespace(label_codes=label_codes,
+                                                  label_values={"cell_type": ["T", "B"]}))
+
+    a = dataset("a", [0, 0, 1, -1], ["B", "T_0", "T_1", "unknown_2"], [1, 2, 0, 3])
+    b = dataset("b", [1, 1], ["B_4"], [0, 0])
+    assert _pseudo_names(a, True) == ["*/B", "*/T", "*/T", "a/unknown_2"]
+    assert _pseudo_names(b, True) == ["*/B"]
+    assert _pseudo_names(a, False) == ["a/B", "a/T_0", "a/T_1", "a/unknown_2"]
 
 
 def test_accounting_adds_up_and_counts_the_rejected_file(build):
@@ -205,16 +305,24 @@ def test_vocabulary_extension_keeps_ids(build, first):
         assert new_labels[cls][: len(values)] == values
 
 
-def test_kill_and_resume_is_byte_identical(build):
+def test_epoch_added_later_and_kill_resume_are_byte_identical(build):
+    """Pack epoch 0, then add epoch 1 to the same output (killed inside its second shard, then
+    rerun): manifest and shards equal those of the build that packed both at once, and the
+    graph stage is not redone."""
     out = build["root"] / "resumed"
     shutil.copytree(build["out"] / "work" / "datasets", out / "work" / "datasets")
+    one_epoch = [*build["args"], "--epochs", "1"]  # the last --epochs wins
+    _cli("data_prep.build_shards", *one_epoch, "--out", out, "--jobs", "1")
+    assert [e["epoch"] for e in load_manifest(out)["epochs"]] == [0]
+    graphs = {p: p.stat().st_mtime_ns for p in (out / "work" / "datasets").glob("*/graph/*")}
     killed = _cli("data_prep.build_shards", *build["args"], "--out", out, "--jobs", "1",
                   env={"SCPRETRAIN_FAULT_AFTER_SAMPLES": "450"}, check=False)
     assert killed.returncode == -9
-    assert not (out / "manifest.json").exists()
-    assert (out / "shards" / "train-000000.tar").exists()
-    assert not (out / "shards" / "train-000001.tar").exists()  # killed inside the 2nd shard
+    assert (out / "shards" / "train-e0001-000000.tar").exists()
+    assert not (out / "shards" / "train-e0001-000001.tar").exists()  # killed inside it
     _cli("data_prep.build_shards", *build["args"], "--out", out, "--jobs", "1")
+    assert graphs == {p: p.stat().st_mtime_ns
+                      for p in (out / "work" / "datasets").glob("*/graph/*")}
     assert (out / "manifest.json").read_bytes() == (build["out"] / "manifest.json").read_bytes()
     assert _shard_bytes(out) == _shard_bytes(build["out"])
     assert not list((out / "shards").glob(".*"))  # no temporaries left

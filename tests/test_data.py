@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.shard_format import CLASSES, CellSample, encode_sample, sample_key
+from data_prep.shard_format import (
+    CLASSES,
+    FLAG_METACELL,
+    FORMAT_VERSION,
+    CellSample,
+    encode_sample,
+    sample_key,
+)
 from pretrain.data import CellBatches, CellLoader, DataConfig, ShardStream
 
 # Real files, cells taken from each, and their taxon.
@@ -62,8 +69,9 @@ def _cell_samples(data: Path) -> list[CellSample]:
     return samples
 
 
-def write_shards(samples: list[CellSample], out: Path, n_shards: int) -> Path:
-    """A build_shards-shaped output (manifest + tar shards); eval gets every 8th sample."""
+def write_shards(samples: list[CellSample], out: Path, n_shards: int, epochs: int = 1) -> Path:
+    """A build_shards-shaped output (manifest + tar shards); eval gets every 8th sample; the
+    train shards are split into ``epochs`` consecutive packed epochs."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "shards").mkdir(exist_ok=True)
     order = np.random.default_rng(0).permutation(len(samples))
@@ -82,7 +90,9 @@ def write_shards(samples: list[CellSample], out: Path, n_shards: int) -> Path:
                     tar.addfile(info, io.BytesIO(data))
             entries[split].append({"path": rel, "n_samples": len(part),
                                    "bytes": (out / rel).stat().st_size, "sha256": ""})
-    manifest = {"format": "scpretrain-cells", "format_version": 1, **entries,
+            if split == "shards":
+                entries[split][-1]["epoch"] = s * epochs // len(parts)
+    manifest = {"format": "scpretrain-cells", "format_version": FORMAT_VERSION, **entries,
                 "n_samples": int(len(splits["shards"])),
                 "n_eval_samples": int(len(splits["eval_shards"]))}
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -195,6 +205,104 @@ def test_resume_gives_the_same_batches(shards, workers):
         assert all(torch.equal(x[k], y[k]) for k in x)
     with pytest.raises(ValueError, match="world_size"):
         CellLoader(cfg, rank=1, world_size=4).load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def epoch_shards(samples: list[CellSample], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same samples in 6 shards packed as 2 epochs (shards 0-2: epoch 0, 3-5: epoch 1)."""
+    return write_shards(samples, tmp_path_factory.mktemp("epochs"), N_SHARDS, epochs=2)
+
+
+def _epoch_of(shards: Path) -> dict[int, int]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return {s: e["epoch"] for s, e in enumerate(manifest["shards"])}
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_epochs_are_read_in_order_and_the_stream_wraps(epoch_shards, world, caplog):
+    """Epoch e's shards come after e-1's for every slot; past the last packed epoch the stream
+    says so and starts again from the first (world 4: more slots than an epoch's shards)."""
+    of = _epoch_of(epoch_shards)
+    for slot in range(world):
+        stream = ShardStream(_cfg(epoch_shards), slot, world)
+        sizes = [stream.epoch_size(t) for t in range(4)]
+        with caplog.at_level("WARNING", logger="pretrain.data"):
+            caplog.clear()
+            items = stream.samples()
+            first = [of[i >> 32] for i, _, _ in itertools.islice(items, sizes[0] + sizes[1])]
+            assert first == [0] * sizes[0] + [1] * sizes[1]
+            assert stream.stats["passes"] == 0 and not caplog.records
+            again = [of[i >> 32] for i, _, _ in itertools.islice(items, sizes[2])]
+        assert again == [0] * sizes[2] and stream.stats["passes"] == 1
+        assert stream.stats["epoch"] == 0
+        assert any("ran past the last packed epoch" in r.message for r in caplog.records)
+    # each pass through an epoch reshuffles it
+    stream = ShardStream(_cfg(epoch_shards), 0, 1)
+    assert _ids(stream, sizes[0]) != list(
+        itertools.islice((i for i, _, _ in stream.samples(sizes[0] + sizes[1])), sizes[0]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_across_an_epoch_boundary(epoch_shards, workers):
+    """The loader state names the packed epoch; a run resumed just before the boundary
+    continues into the next epoch batch for batch as if it had never stopped."""
+    cfg = _cfg(epoch_shards, num_workers=workers, shuffle_buffer=8)
+    loader, full, epochs = CellLoader(cfg, rank=1, world_size=2), [], []
+    for batch in itertools.islice(loader, 40):
+        full.append(batch)
+        epochs.append(loader.stats["epoch"])
+    boundary = epochs.index(1)
+    stop, total = boundary - 1, boundary + 2
+    assert stop > 0 and total <= len(full)
+    first = CellLoader(cfg, rank=1, world_size=2)
+    _ = list(itertools.islice(first, stop))
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["passes"] == 0 and state["epochs"] == [0, 1]
+    resumed = CellLoader(cfg, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    rest = list(itertools.islice(resumed, total - stop))
+    for x, y in zip(full[stop:total], rest, strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert resumed.stats["epoch"] == epochs[total - 1] == 1
+    of = _epoch_of(epoch_shards)
+    assert {of[int(i) >> 32] for b in rest for i in b["sample_id"]} == {0, 1}
+
+
+def test_resume_after_epochs_were_added(epoch_shards, shards):
+    """A checkpoint saved over epoch 0 resumes exactly once epoch 1 has been packed too; a state
+    whose epochs the manifest no longer starts with is refused."""
+    manifest = json.loads((epoch_shards / "manifest.json").read_text())
+    only_first = epoch_shards.parent / "only_first"
+    only_first.mkdir()
+    (only_first / "shards").symlink_to(epoch_shards / "shards")
+    manifest["shards"] = [e for e in manifest["shards"] if e["epoch"] == 0]
+    (only_first / "manifest.json").write_text(json.dumps(manifest))
+    early = CellLoader(_cfg(only_first), rank=0, world_size=1)
+    _ = list(itertools.islice(early, 3))
+    state = early.state_dict()
+    assert state["epochs"] == [0]
+    full = list(itertools.islice(CellLoader(_cfg(epoch_shards), rank=0, world_size=1), 6))
+    later = CellLoader(_cfg(epoch_shards), rank=0, world_size=1)
+    later.load_state_dict(state)
+    for x, y in zip(full[3:], itertools.islice(later, 3), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ValueError, match="packed epochs"):
+        CellLoader(_cfg(shards), rank=0, world_size=1).load_state_dict({**state,
+                                                                       "epochs": [3]})
+
+
+def test_metacells_are_never_zeroed(samples, tmp_path):
+    """A meta-cell (flagged, no neighbours) keeps its own input even in the full pass."""
+    meta = [CellSample(**{**s.__dict__, "nbr_counts": s.nbr_counts[:0], "nbr_dist":
+                          s.nbr_dist[:0], "nbr_cells": s.nbr_cells[:0], "flags": FLAG_METACELL})
+            for s in samples[:64]]
+    out = write_shards(meta + samples[64:128], tmp_path / "meta", 2)
+    batch = next(iter(CellBatches(_cfg(out, full_pass_prob=1.0, batch_size=56))))
+    is_meta = batch["sample_id"].remainder(2**32) < 64
+    assert is_meta.any() and (~is_meta).any()
+    assert not batch["zeroed"][is_meta].any() and batch["zeroed"][~is_meta].all()
+    assert (batch["input_counts"][is_meta].sum(1) > 0).all()
+    assert not batch["nbr_mask"][is_meta].any()
 
 
 def test_corrupt_and_truncated_shards_are_skipped_and_counted(shards, tmp_path):

@@ -39,14 +39,14 @@ def test_align_sample_pads_only_what_neighbours_have_and_context_allows():
     assert gids.shape == (5,)  # the cell already fills the context: no padding
 
 
-def test_metacell_is_the_mean_over_the_union():
+def test_metacell_is_the_integer_sum_over_the_union_without_neighbours():
     genes = _genes(np.arange(1, 5))
     gids, counts, nbr = pack.align_sample(
         np.array([0]), np.array([3.0]), [np.array([0, 1]), np.array([2])],
         [np.array([3.0, 6.0]), np.array([9.0])], genes, context=3200, metacell=True)
     np.testing.assert_array_equal(gids, [1, 2, 3])
-    np.testing.assert_allclose(counts, [2.0, 2.0, 3.0])
-    assert nbr.shape == (2, 3)
+    np.testing.assert_array_equal(counts, [6.0, 6.0, 9.0])  # summed counts stay counts
+    assert nbr.shape == (0, 3)  # its neighbours are inside its counts, not handed in
 
 
 @pytest.mark.parametrize("metacell", [False, True])
@@ -58,7 +58,7 @@ def test_align_sample_of_a_cell_and_neighbours_without_counts(metacell):
                                           metacell=metacell)
     assert gids.shape == (0,) and gids.dtype == np.uint32
     assert counts.shape == (0,) and counts.dtype == np.float32
-    assert nbr.shape == (2, 0) and nbr.dtype == np.float32
+    assert nbr.shape == (0 if metacell else 2, 0) and nbr.dtype == np.float32
     gids, counts, nbr = pack.align_sample(empty, np.zeros(0), [], [], genes, context=8,
                                           metacell=metacell)
     assert gids.shape == counts.shape == (0,) and nbr.shape == (0, 0)
@@ -82,7 +82,8 @@ def test_sample_bytes_bound_is_an_upper_bound():
     for metacell in (False, True):
         gids, counts, nbr = pack.align_sample(cell, np.ones(30), nbrs, [np.ones(40)] * 3, genes,
                                               context=50, metacell=metacell)
-        s = CellSample(gids, counts, nbr, np.ones(3, np.float32), np.zeros(3, np.uint32),
+        k = nbr.shape[0]
+        s = CellSample(gids, counts, nbr, np.ones(k, np.float32), np.zeros(k, np.uint32),
                        np.zeros(9, np.int32), 0, 0, 9606, 0, 30, 0, 30.0, 1.0)
         bound = pack.sample_bytes_bound(np.array([30]), np.array([120]), np.array([3]),
                                         np.array([metacell]), 50)
@@ -95,6 +96,30 @@ def test_holdout_is_stable_per_dataset_name():
     np.testing.assert_array_equal(a, pack.holdout_mask(1000, 0.1, seed=3, name="pbmc"))
     assert (a != pack.holdout_mask(1000, 0.1, seed=3, name="other")).any()
     assert not pack.holdout_mask(1000, 0.0, seed=3, name="pbmc").any()
+
+
+def test_held_out_cells_whole_datasets_and_fractions():
+    cfg = pack.PackConfig(eval_fraction=0.1, eval_datasets=["lung"])
+    assert pack.held_out_cells("lung", 50, cfg, seed=3).all()
+    np.testing.assert_array_equal(pack.held_out_cells("pbmc", 1000, cfg, seed=3),
+                                  pack.holdout_mask(1000, 0.1, seed=3, name="pbmc"))
+    pack.check_pack_config(cfg, ["pbmc", "lung"])
+    with pytest.raises(ValueError, match="no dataset named lung"):
+        pack.check_pack_config(cfg, ["pbmc", "lung_v2"])
+    with pytest.raises(ValueError, match="--epochs"):
+        pack.check_pack_config(pack.PackConfig(epochs=0), [])
+    with pytest.raises(ValueError, match="--metacell-fraction"):
+        pack.check_pack_config(pack.PackConfig(metacell_fraction=1.5), [])
+
+
+def test_epoch_seeds_and_draws_differ():
+    seeds = [pack.epoch_seed(7, e) for e in range(5)]
+    assert len(set(seeds)) == 5 and seeds == [pack.epoch_seed(7, e) for e in range(5)]
+    assert pack.epoch_seed(8, 0) not in seeds
+    prob = np.full(1000, 1e-3)
+    a, _ = pack.draw_stream(prob, 500, 0.0, seeds[0])
+    b, _ = pack.draw_stream(prob, 500, 0.0, seeds[1])
+    assert (a != b).mean() > 0.9
 
 
 def test_draw_stream_follows_probabilities():

@@ -25,8 +25,11 @@ CONTEXT = 256
 # ranges); a short context keeps two CPU ranks fast.
 SOURCES = ("human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad",
            "mouse_stomach_intestine_MCA_scgoclust_219cells_raw.h5ad")
+# Single-cell profiles only (no meta-cells): the learning test scores single held-out cells after
+# 150 steps, which the default 75% meta-cells (summed, deeper profiles) slow down.
 BUILD = ["--jobs", "1", "--quiet", "--seed", "0", "--context-genes", str(CONTEXT),
-         "--eval-fraction", "0.1", "--stream-size", "600", "--shard-samples", "150"]
+         "--eval-fraction", "0.1", "--stream-size", "600", "--shard-samples", "150",
+         "--metacell-fraction", "0"]
 
 
 def build_shards(data: Path, out: Path) -> Path:
