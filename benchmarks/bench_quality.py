@@ -50,6 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from data_prep import atomic  # noqa: E402
+
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
 LABEL = "cell_type"
 K_PROBE = 15
@@ -69,9 +71,8 @@ def split_pbmc(out: Path) -> tuple[Path, Path]:
     for sample, path in zip(("CTRL", "STIM"), paths):
         part = full[full.obs["sample"] == sample].copy()
         part.uns["source"] = f"{full.uns.get('source', PBMC.name)}; derived: its {sample} cells"
-        tmp = path.with_name(path.name + ".tmp")
-        part.write_h5ad(tmp)
-        os.replace(tmp, path)
+        with atomic.atomic_path(path) as tmp:
+            part.write_h5ad(tmp)
     return paths
 
 

@@ -52,6 +52,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
+from data_prep import atomic  # noqa: E402
+
 FP32_TOL = 1e-5  # max |error| / max |float64 value| (as tests/test_criss_cross.py)
 HALF_TOL = 2e-2
 DATASET = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"  # real cells in data/
@@ -365,9 +367,7 @@ def attempt(fn, *args):
 
 
 def write(result: dict, out: Path) -> None:
-    tmp = out / "gpu_check.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    os.replace(tmp, out / "gpu_check.json")
+    atomic.write_text(out / "gpu_check.json", json.dumps(result, indent=1, default=str) + "\n")
 
 
 def _fmt(v) -> str:

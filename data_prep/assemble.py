@@ -21,10 +21,10 @@ from data_prep import pack, report
 from data_prep.config import BuildConfig
 from data_prep.genes import SymbolMap
 from data_prep.ingest import IngestedDataset
-from data_prep.labels import LabelVocab
-from data_prep.shard_format import CLASSES, UNKNOWN
+from data_prep.labels import LabelVocab, map_labels
+from data_prep.shard_format import CLASSES
 from data_prep.vocab import GeneVocab
-from data_prep.weights import cell_probabilities, group_probabilities
+from data_prep.weights import cell_probabilities, group_ids, group_probabilities
 
 log = logging.getLogger("data_prep")
 
@@ -97,7 +97,7 @@ def assemble(out: Path, records: list[DatasetRecord], cfg: BuildConfig, jobs: in
                                          x.ds.organism.taxon, offset, n))
         col2gid.append(vocab.lookup(x.ds.organism, x.ds.genes).astype(np.int64))
         label_maps.append(x.label_map)
-        cell_labels = x.label_map[np.arange(len(CLASSES)), np.asarray(x.ds.label_codes) + 1]
+        cell_labels = map_labels(x.label_map, x.ds.label_codes)
         pl_ids = labels.add("pseudo_label", _pseudo_names(x, cfg.weights.pool_cell_types))
         pseudo[sl] = pl_ids[x.pseudo_codes]
         group[sl] = _groups(labels, pseudo[sl], cell_labels)
@@ -185,12 +185,11 @@ def _pseudo_names(x: _Loaded, pool_cell_types: bool) -> list[str]:
     names = [f"{x.rec.name}/{v}" for v in x.pseudo_values]
     if not pool_cell_types or not len(x.pseudo_codes):
         return names
-    ct_codes = np.asarray(x.ds.label_codes)[:, CLASSES.index("cell_type")]
-    ct_values = list(x.ds.label_values.get("cell_type", []))
+    cell_type = x.ds.labels("cell_type")
     first = np.unique(x.pseudo_codes, return_index=True)
     for code, cell in zip(*first):  # one cell type per pseudo-label (cell type x cluster)
-        if ct_codes[cell] >= 0:
-            names[code] = f"*/{ct_values[ct_codes[cell]]}"
+        if cell_type[cell] is not None:
+            names[code] = f"*/{cell_type[cell]}"
     return names
 
 
@@ -213,28 +212,23 @@ def _vocabularies(cfg: BuildConfig, loaded: list[_Loaded]) -> tuple[GeneVocab, L
         vocab, labels = GeneVocab(cfg.vocab_sizing), LabelVocab()
     vocab.add_datasets([(x.ds.organism, x.ds.genes) for x in loaded])
     for x in loaded:
-        width = 1 + max((len(v) for v in x.ds.label_values.values()), default=0)
-        lm = np.full((len(CLASSES), width), UNKNOWN, dtype=np.int32)
-        for j, cls in enumerate(CLASSES):
-            ids = labels.add(cls, x.ds.label_values.get(cls, []))
-            lm[j, 1:1 + ids.shape[0]] = ids
-        x.label_map = lm
+        x.label_map = labels.label_map(x.ds.label_values)
     return vocab, labels
 
 
 def _groups(labels: LabelVocab, pseudo: np.ndarray, cell_labels: np.ndarray) -> np.ndarray:
-    """Global group id per cell: the joint key (pseudo-label, GROUP_CLASSES labels)."""
+    """Global group id per cell: the joint key (pseudo-label, GROUP_CLASSES labels) coded by
+    ``weights.group_ids``, each key named in the label vocabulary's ``groups``."""
     cols = [CLASSES.index(c) for c in GROUP_CLASSES]
-    keys = np.column_stack([pseudo, cell_labels[:, cols]]).astype(np.int64)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    ids, keys = group_ids(np.column_stack([pseudo, cell_labels[:, cols]]).astype(np.int64))
     pl_values = labels.values("pseudo_label")
     cls_values = {c: labels.values(c) for c in GROUP_CLASSES}
     key_strings = [
         (pl_values[row[0]], *(cls_values[c][v] if v >= 0 else "" for c, v in
                               zip(GROUP_CLASSES, row[1:])))
-        for row in uniq.tolist()
+        for row in keys.tolist()
     ]
-    return labels.add("groups", key_strings)[inv.reshape(-1)].astype(np.int32)
+    return labels.add("groups", key_strings)[ids].astype(np.int32)
 
 
 def _fingerprint(cfg: BuildConfig, records: list[DatasetRecord], loaded: list[_Loaded]) -> str:

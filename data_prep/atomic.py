@@ -1,9 +1,12 @@
-"""Atomic file writes: a reader (or a rerun after ``kill -9``) sees the old file or the new one,
-never a torn one. Everything under OUT is written through here."""
+"""Atomic writes: a reader (or a rerun after ``kill -9``) sees the old file or directory or the new
+one, never a torn one. Every file and artifact directory the project writes goes through here:
+``atomic_path`` for a file, ``atomic_dir`` for a directory, one temporary-name scheme for both."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,7 @@ def tmp_name(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path to write; it replaces the file ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
@@ -30,6 +33,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory to fill; it replaces the directory ``path`` (removing an
+    old one) only if the block succeeds. Temporaries of ``path`` left by killed runs go first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = tmp_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
@@ -39,14 +61,20 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def write_json(path: str | Path, obj, **dumps_kw) -> None:
+    """``json.dumps(obj, **dumps_kw)`` written atomically (UTF-8)."""
+    write_text(path, json.dumps(obj, **dumps_kw))
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
 
 def remove_stale_tmp(directory: str | Path) -> None:
-    """Delete temporaries left by killed processes (names from :func:`tmp_name`)."""
+    """Delete temporary files left by killed processes (names from :func:`tmp_name`)."""
     directory = Path(directory)
     if directory.is_dir():
         for p in directory.glob(".*.tmp"):
-            p.unlink(missing_ok=True)
+            if p.is_file():
+                p.unlink(missing_ok=True)

@@ -23,12 +23,12 @@ genes of D + 1 real neighbouring cells, like a deeper assay of the same tissue.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from data_prep import atomic
 from data_prep.graph import GraphConfig, exact_knn, highly_variable_genes, log_normalise, pca
 
 
@@ -91,7 +91,7 @@ def derive_counts(
 
 def derive_file(src, out, n_cells: int, seed: int = 0, k: int = 10, thin_low: float = 0.7,
                 depth: int = 1):
-    """Write a derived .h5ad of ``n_cells`` cells from ``src`` (atomic: temp name + rename)."""
+    """Write a derived .h5ad of ``n_cells`` cells from ``src`` (atomically)."""
     import anndata as ad
     import pandas as pd
 
@@ -117,10 +117,8 @@ def derive_file(src, out, n_cells: int, seed: int = 0, k: int = 10, thin_low: fl
         }
     }
     derived = ad.AnnData(X=x, obs=obs, var=adata.var.copy(), uns=uns)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    derived.write_h5ad(tmp)
-    os.replace(tmp, out)
+    with atomic.atomic_path(out) as tmp:
+        derived.write_h5ad(tmp)
     return out
 
 

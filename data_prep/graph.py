@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +45,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from data_prep.shard_format import CLASSES, MAX_NEIGHBOURS
+from data_prep import atomic
+from data_prep.shard_format import MAX_NEIGHBOURS
 
 GRAPH_VERSION = 1
 FILES = ("nbr_idx.npy", "nbr_dist.npy", "leiden.npy", "pseudo_label.json", "meta.json")
@@ -426,15 +425,6 @@ def pseudo_labels(cell_type, clusters, min_size: int = 10) -> np.ndarray:
 # --------------------------------------------------------------------------- driver
 
 
-def _cell_types(ds) -> np.ndarray | None:
-    codes = np.asarray(ds.label_codes)[:, CLASSES.index("cell_type")]
-    values = list(ds.label_values.get("cell_type", []))
-    if not values or (codes < 0).all():
-        return None
-    table = np.array(values + [None], dtype=object)
-    return table[np.where(codes >= 0, codes, len(values))]
-
-
 class _Stopwatch:
     """Seconds per stage (rounded to 0.1 ms), in the order the stages ran."""
 
@@ -607,9 +597,8 @@ def build_graph(ds, out_dir, cfg: GraphConfig | None = None, seed: int = 0,
     """Build (or reuse, if complete for the same config, seed and hold-out) the graph artifact
     of ``ds``.
 
-    ``ds`` is an ingested dataset (``counts`` CSR over kept cells, ``label_codes``,
-    ``label_values``); ``held`` its held-out cells (see ``training_neighbours``). Written to a
-    temporary sibling directory and renamed into place.
+    ``ds`` is an ``IngestedDataset`` (``counts`` CSR over kept cells, its cell types); ``held``
+    its held-out cells (see ``training_neighbours``). Written atomically (``atomic.atomic_dir``).
     """
     cfg = cfg or GraphConfig()
     out_dir = Path(out_dir)
@@ -625,16 +614,7 @@ def build_graph(ds, out_dir, cfg: GraphConfig | None = None, seed: int = 0,
                 return done
         except (OSError, ValueError, KeyError):
             pass
-    graph = compute_graph(ds.counts, _cell_types(ds), cfg, seed, held)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    try:
+    graph = compute_graph(ds.counts, ds.labels("cell_type"), cfg, seed, held)
+    with atomic.atomic_dir(out_dir) as tmp:
         graph.save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return graph

@@ -38,7 +38,6 @@ Labels (per kept cell, stored as per-dataset codes into sorted value lists, -1 =
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +50,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
+from . import atomic
 from .genes import FileGenes, GenePlan, SymbolMap, describe_var, plan_genes
 from .organisms import Organism, resolve_organism
 from .shard_format import CLASSES, UNKNOWN
@@ -124,7 +124,7 @@ class IngestedDataset:
 
     def labels(self, cls: str) -> np.ndarray:
         """Per kept cell label strings of one class (object array, None where unknown)."""
-        values = np.array([*self.label_values[cls], None], dtype=object)
+        values = np.array([*self.label_values.get(cls, []), None], dtype=object)
         return values[self.label_codes[:, CLASSES.index(cls)]]
 
     @classmethod
@@ -174,20 +174,10 @@ def ingest_dataset(spec: DatasetSpec, out_dir: str | Path, cfg: IngestConfig,
             done = None  # unreadable: rebuild it
         if done is not None and done.meta.get("fingerprint") == fingerprint:
             return done
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.atomic_dir(out_dir) as tmp:
         meta = _convert(spec, tmp, cfg, symbols)
         meta["fingerprint"] = fingerprint
         _write_json(tmp / META, meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return IngestedDataset.load(out_dir)
 
 
@@ -217,7 +207,7 @@ def _convert(spec: DatasetSpec, tmp: Path, cfg: IngestConfig, symbols: SymbolMap
         columns = _label_sources(spec, found.obs_columns, path)
         cells = found.stream(tmp)
         codes, values = _extract_labels(found.obs, columns, cells, found.organism)
-    _write_npy(tmp / "label_codes.npy", codes)
+    atomic.save_npy(tmp / "label_codes.npy", codes)
     _write_json(tmp / "genes.json", found.genes)
     _write_json(tmp / "label_values.json", values)
     n_input = found.shape[0]
@@ -680,13 +670,4 @@ def _extract_labels(obs: h5py.Group, columns: dict[str, str | None], cells: np.n
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, indent=1, sort_keys=True, ensure_ascii=False)

@@ -9,16 +9,23 @@ Group keys are tuples of strings (stored as JSON lists). Unknown is -1 and never
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .shard_format import CLASSES, UNKNOWN
 
 LABELS_FILE = "labels.json"
 KINDS = (*CLASSES, "pseudo_label", "groups")
+
+
+def map_labels(label_map: np.ndarray, label_codes: np.ndarray) -> np.ndarray:
+    """Global class ids int32 [n, 9] of per-dataset codes [n, 9] (-1: unknown) through a
+    dataset's ``LabelVocab.label_map``."""
+    codes = np.asarray(label_codes, dtype=np.int64)
+    return label_map[np.arange(len(CLASSES)), codes + 1].astype(np.int32)
 
 
 class LabelVocab:
@@ -66,15 +73,22 @@ class LabelVocab:
         self._check(kind)
         return list(self._values[kind])
 
+    def label_map(self, label_values: dict[str, list[str]]) -> np.ndarray:
+        """Add a dataset's label values (``IngestedDataset.label_values``); returns its label map,
+        int32 [9, 1 + n_codes]: the global id of local code c of class j at ``[j, c + 1]``, unknown
+        (-1) in column 0 and past a class's values (what the packer stores per dataset)."""
+        width = 1 + max((len(v) for v in label_values.values()), default=0)
+        table = np.full((len(CLASSES), width), UNKNOWN, dtype=np.int32)
+        for j, cls in enumerate(CLASSES):
+            ids = self.add(cls, label_values.get(cls, []))
+            table[j, 1:1 + ids.shape[0]] = ids
+        return table
+
     def add_dataset(
         self, label_codes: np.ndarray, label_values: dict[str, list[str]]
     ) -> np.ndarray:
         """Global class ids int32 [n, 9] for a dataset's per-dataset codes (``IngestedDataset``)."""
-        out = np.full(label_codes.shape, UNKNOWN, dtype=np.int32)
-        for j, cls in enumerate(CLASSES):
-            table = np.append(self.add(cls, label_values.get(cls, [])), UNKNOWN).astype(np.int32)
-            out[:, j] = table[np.asarray(label_codes[:, j])]  # code -1 reads the last slot
-        return out
+        return map_labels(self.label_map(label_values), label_codes)
 
     def n_labels(self) -> dict[str, int]:
         return {c: len(self._values[c]) for c in CLASSES}
@@ -90,16 +104,13 @@ class LabelVocab:
         }
 
     def save(self, directory: str | Path) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         doc = {
             "classes": {c: self._values[c] for c in CLASSES},
             "pseudo_label": self._values["pseudo_label"],
             "groups": [list(g) for g in self._values["groups"]],
         }
-        tmp = d / f".{LABELS_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, d / LABELS_FILE)
+        atomic.write_text(Path(directory) / LABELS_FILE,
+                          json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> LabelVocab:

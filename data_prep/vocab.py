@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
 from .genes import SymbolMap
 from .organisms import Organism, resolve_organism
 
@@ -170,21 +170,20 @@ class GeneVocab:
 
     # -- files
     def save(self, directory: str | Path) -> None:
-        """Write ``genes.tsv``, ``aliases.tsv`` and ``ranges.json`` atomically (each via a
-        temporary name)."""
+        """Write ``genes.tsv``, ``aliases.tsv`` and ``ranges.json``, each atomically."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         lines = ["id\torganism\tgene"]
         for curie, r in self.ranges.items():
             lines.extend(f"{r.start + i}\t{curie}\t{g}" for i, g in enumerate(r.genes))
-        _atomic_write(d / GENES_FILE, "\n".join(lines) + "\n")
+        atomic.write_text(d / GENES_FILE, "\n".join(lines) + "\n")
         aliases = [ALIASES_HEADER]
         for curie, r in self.ranges.items():
             aliases.extend(f"{curie}\t{a}\t{g}" for a, g in sorted(r.aliases.items()))
-        _atomic_write(d / ALIASES_FILE, "\n".join(aliases) + "\n")
+        atomic.write_text(d / ALIASES_FILE, "\n".join(aliases) + "\n")
         ranges = {"n_ids": self.n_ids, "config": self.cfg.__dict__,
                   "organisms": self.to_manifest()["organisms"]}
-        _atomic_write(d / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
+        atomic.write_text(d / RANGES_FILE, json.dumps(ranges, indent=1) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path, cfg: VocabConfig | None = None) -> GeneVocab:
@@ -239,8 +238,3 @@ def _check_gene(gene: str, organism: Organism) -> None:
     if not gene or any(c in gene for c in "\t\n\r"):
         raise ValueError(f"gene id {gene!r} of {organism.curie} is empty or has tabs/newlines")
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -27,7 +27,6 @@ one chunk plus the graph's normalised HVG matrix. The output is a byte copy of t
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import torch
 from anndata.io import write_elem
 from tqdm import tqdm
 
+from data_prep import atomic
 from data_prep.graph import neighbours as find_neighbours
 from data_prep.graph import row_totals
 from data_prep.ingest import DatasetError, IngestConfig, open_counts
@@ -304,10 +304,8 @@ def write_annotated_copy(src: str | Path, out: str | Path, ann: Annotations) -> 
     """Copy ``src`` to ``out`` byte for byte and add ``ann``'s entries there (atomically)."""
     src, out = Path(src), Path(out)
     _check_output(src, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    try:
+    with atomic.atomic_path(out) as tmp:
+        shutil.copyfile(src, tmp)
         with h5py.File(tmp, "r+") as f:
             for slot in ("obsm", "uns"):
                 if slot not in f:
@@ -320,9 +318,6 @@ def write_annotated_copy(src: str | Path, out: str | Path, ann: Annotations) -> 
                 for key, value in ann.obs.items():
                     _write_entry(obs, key, value)
                 obs.attrs["column-order"] = order + list(ann.obs)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from data_prep import atomic
 from data_prep.graph import GraphConfig
 from data_prep.labels import LabelVocab
 from data_prep.organisms import Organism
@@ -129,10 +129,8 @@ def write_model_file(
                   for curie, r in vocab.ranges.items()},
         "labels": {cls: labels.values(cls) for cls in CLASSES},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    with atomic.atomic_path(out) as tmp:
+        torch.save(payload, tmp)
     return out
 
 

@@ -31,6 +31,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from data_prep import atomic  # noqa: E402
 from data_prep.labels import LabelVocab  # noqa: E402
 from data_prep.shard_format import CLASSES, load_manifest  # noqa: E402
 from pretrain.config import TrainConfig, parse_train_config  # noqa: E402
@@ -334,9 +335,7 @@ class Trainer:
                     "data": asdict(self.data_cfg), "deepspeed": self.ds_config,
                     "world_size": self.world, "n_genes": int(self.manifest["vocab"]["n_ids"]),
                     "n_labels": self.n_labels, "label_hierarchy": self.hierarchy}
-        tmp = self.run / "config.json.tmp"
-        tmp.write_text(json.dumps(resolved, indent=1, default=str))
-        os.replace(tmp, self.run / "config.json")
+        atomic.write_json(self.run / "config.json", resolved, indent=1, default=str)
 
     def train_step(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums: the

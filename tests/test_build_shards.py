@@ -265,17 +265,19 @@ def test_packed_shards_realise_the_target_group_weights(tmp_path, real_data):
 
 
 def test_pooled_cell_types_share_a_pseudo_label_across_datasets():
+    from pathlib import Path
     from types import SimpleNamespace
 
     from data_prep.assemble import _pseudo_names
+    from data_prep.ingest import IngestedDataset
 
     def dataset(name, types, values, codes):
         label_codes = np.full((len(codes), len(CLASSES)), -1)
         label_codes[:, 0] = types
         return SimpleNamespace(rec=SimpleNamespace(name=name), pseudo_values=values,
                                pseudo_codes=np.array(codes),
-                               ds=SimpleNamespace(label_codes=label_codes,
-                                                  label_values={"cell_type": ["T", "B"]}))
+                               ds=IngestedDataset(Path("."), None, [], None, None, None,
+                                                  label_codes, {"cell_type": ["T", "B"]}, {}))
 
     a = dataset("a", [0, 0, 1, -1], ["B", "T_0", "T_1", "unknown_2"], [1, 2, 0, 3])
     b = dataset("b", [1, 1], ["B_4"], [0, 0])

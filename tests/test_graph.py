@@ -1,5 +1,5 @@
 import json
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,28 +18,25 @@ from data_prep.graph import (
     pca,
     pseudo_labels,
 )
+from data_prep.ingest import IngestedDataset
 from data_prep.shard_format import CLASSES
 
 PBMC = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
 
 
-@dataclass
-class StandIn:
-    """The attributes of an ingested dataset that the graph stage reads."""
-
-    counts: sp.csr_matrix
-    label_codes: np.ndarray
-    label_values: dict = field(default_factory=dict)
-
-
-def _stand_in(counts, cell_type=None) -> StandIn:
-    codes = np.full((counts.shape[0], len(CLASSES)), -1, dtype=np.int32)
+def _stand_in(counts, cell_type=None) -> IngestedDataset:
+    """An in-memory ingested dataset: counts and, optionally, cell types."""
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    n = counts.shape[0]
+    codes = np.full((n, len(CLASSES)), -1, dtype=np.int32)
     values = {c: [] for c in CLASSES}
     if cell_type is not None:
         uniq, inv = np.unique(np.asarray(cell_type, dtype=str), return_inverse=True)
         values["cell_type"] = uniq.tolist()
         codes[:, 0] = inv.reshape(-1)
-    return StandIn(sp.csr_matrix(counts, dtype=np.float32), codes, values)
+    return IngestedDataset(dir=Path("."), counts=counts, genes=[], cells=np.arange(n),
+                           nnz=counts.getnnz(axis=1), total=np.asarray(counts.sum(axis=1)).ravel(),
+                           label_codes=codes, label_values=values, meta={})
 
 
 @pytest.fixture(scope="module")

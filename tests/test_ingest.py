@@ -224,7 +224,7 @@ def test_resume_and_atomicity(tmp_path, monkeypatch):
     out = tmp_path / "work" / "r" / "ingest"
     out.mkdir(parents=True)
     (out / "indptr.npy").write_bytes(b"partial")  # a stale incomplete artifact
-    (out.parent / ".ingest.tmp-1").mkdir()  # a killed run's temporary folder
+    (out.parent / ".ingest.1.tmp").mkdir()  # a killed run's temporary folder
     first = ingest_dataset(spec_for(path), out, CFG)
     assert sorted(p.name for p in out.parent.iterdir()) == ["ingest"]
     assert json.loads((out / "meta.json").read_text())["n_kept"] == first.n_cells
