@@ -55,7 +55,7 @@ def run_variant(args, shards: str, overrides: dict) -> dict:
     import torch
 
     from data_prep.shard_format import load_manifest
-    from pretrain.config import TrainConfig
+    from pretrain.config import resolve
     from pretrain.data import CellLoader, DataConfig
     from pretrain.evaluate import evaluate
     from pretrain.model import ModelConfig, ScPrintModel
@@ -67,8 +67,8 @@ def run_variant(args, shards: str, overrides: dict) -> dict:
     n_labels = dict(manifest["labels"]["n_labels"])
     model = ScPrintModel(ModelConfig.preset("tiny", **overrides), int(manifest["vocab"]["n_ids"]),
                          n_labels)
-    train_cfg = TrainConfig(shards=shards, out="-", model="tiny", lr=args.lr)
-    opt = build_optimizer(train_cfg, model, {})
+    optim = resolve({"train.shards": shards, "optim.lr": args.lr}).optim
+    opt = build_optimizer(optim, model, {})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
     data = DataConfig(shards=shards, context=args.context, short_context_min=args.context,
                       batch_size=args.batch_size, seed=args.seed)
@@ -90,7 +90,7 @@ def run_variant(args, shards: str, overrides: dict) -> dict:
                            float(nbr[real].norm(dim=-1).mean()), float(spread)])
         opt.zero_grad()
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
         sched.step()
     model.eval()

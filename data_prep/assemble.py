@@ -1,8 +1,8 @@
 """The corpus-wide stages: vocabularies, sampling groups and weights, the stream, shards, manifest
-and report, from the per-dataset artifacts of one run or of several worker parts.
+and report, from the per-dataset artifacts of one run or of several machines' parts.
 
 Inputs are ``DatasetRecord`` s in the build's global dataset order (the order of
-``discover_inputs``), so a single run and a merge of worker parts see the same sequence and
+``discover_inputs``), so a single run and a merge of machines' parts see the same sequence and
 produce byte-identical outputs.
 """
 

@@ -12,9 +12,9 @@ after a crash or ``kill -9`` and it finishes with byte-identical output. A bad d
 logged, counted as "rejected: <problem>" in the manifest's accounting and skipped, unless
 ``--strict``.
 
-On a cluster, split the datasets over W machines (a job array): worker I runs the same command
-with ``--num-workers W --worker-index I --out PART_I``; it does the per-dataset stages of its
-share (every worker reads the gene names of all datasets, so all use the same symbol map) and
+On a cluster, split the datasets over W machines (a job array): machine I runs the same command
+with ``--num-machines W --machine-index I --out PART_I``; it does the per-dataset stages of its
+share (every machine reads the gene names of all datasets, so all use the same symbol map) and
 writes PART_I/part.json. Then ``python -m data_prep.merge PART_0 ... PART_{W-1} --out
 OUT`` builds the vocabularies, stream, shards, manifest and report from the parts; the result is
 identical to a single run over all datasets.
@@ -115,7 +115,7 @@ def scan_dataset(spec: DatasetSpec, genes_dir: Path, cfg: BuildConfig) -> dict |
 
 def symbol_map(specs: list[DatasetSpec], work: Path, cfg: BuildConfig, jobs: int,
                progress) -> tuple[SymbolMap, list[FileGenes | None]]:
-    """The build's symbol -> id map from every dataset's var (not only this worker's share),
+    """The build's symbol -> id map from every dataset's var (not only this machine's share),
     the gene tables and the vocabulary being extended; saved to ``work/genes/symbols.tsv``.
     Returns it with each dataset's ``FileGenes`` (None where the file is unreadable)."""
     tables = {curie: read_gene_table(path, curie) for curie, path in cfg.gene_tables.items()}
@@ -200,9 +200,9 @@ def _apply(rec: DatasetRecord, outcome: dict) -> None:
 
 
 def write_part(out: Path, records: list[DatasetRecord], cfg: BuildConfig, n_datasets: int,
-               num_workers: int, worker_index: int, symbols: SymbolMap) -> None:
-    doc = {"config": cfg.to_dict(), "n_datasets": n_datasets, "num_workers": num_workers,
-           "worker_index": worker_index, "symbols": symbols.digest(),
+               num_machines: int, machine_index: int, symbols: SymbolMap) -> None:
+    doc = {"config": cfg.to_dict(), "n_datasets": n_datasets, "num_machines": num_machines,
+           "machine_index": machine_index, "symbols": symbols.digest(),
            "datasets": [{**r.public(), "ingest_dir": os.path.relpath(r.ingest_dir, out) if
                          r.ingest_dir else "", "graph_dir": os.path.relpath(r.graph_dir, out)
                          if r.graph_dir else ""} for r in records]}
@@ -216,16 +216,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", help=".h5ad files or directories of them")
     p.add_argument("--sheet", help="dataset sheet (CSV: path, organism, label columns...)")
-    p.add_argument("--out", required=True, help="output folder (or this worker's part folder)")
+    p.add_argument("--out", required=True, help="output folder (or this machine's part folder)")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (default: 1)")
-    p.add_argument("--num-workers", type=int, default=1,
-                   help="split the datasets over this many machines (then run data_prep.merge)")
-    p.add_argument("--worker-index", type=int, default=0, help="this machine's share, 0-based")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--strict", action="store_true",
-                      help="stop at the first bad dataset")
-    mode.add_argument("--keep-going", dest="strict", action="store_false",
-                      help="count bad datasets as rejected and go on (default)")
+    p.add_argument("--num-machines", "--num-workers", dest="num_machines", type=int, default=1,
+                   help="split the datasets over this many machines (then run data_prep.merge); "
+                        "--num-workers is its former, deprecated name")
+    p.add_argument("--machine-index", "--worker-index", dest="machine_index", type=int, default=0,
+                   help="this machine's share, 0-based (--worker-index: deprecated name)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_flags(p)
     return p
@@ -234,8 +231,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if not 0 <= args.worker_index < args.num_workers:
-        log.error("--worker-index must be in [0, --num-workers)")
+    if not 0 <= args.machine_index < args.num_machines:
+        log.error("--machine-index must be in [0, --num-machines)")
         return 2
     out = Path(args.out)
     progress = progress_factory(not args.quiet)
@@ -244,15 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         specs = discover_inputs(args.inputs, args.sheet)
         given = given_paths(specs, args.inputs, args.sheet)
         check_pack_config(cfg.pack, [s.name for s in specs])
-        indices = list(range(args.worker_index, len(specs), args.num_workers))
+        indices = list(range(args.machine_index, len(specs), args.num_machines))
         symbols, scans = symbol_map(specs, out / "work", cfg, args.jobs, progress)
         records = run_datasets(specs, given, indices, out / "work", cfg, args.jobs, progress,
                                symbols, scans)
-        if args.num_workers > 1:
-            write_part(out, records, cfg, len(specs), args.num_workers, args.worker_index,
+        if args.num_machines > 1:
+            write_part(out, records, cfg, len(specs), args.num_machines, args.machine_index,
                        symbols)
             log.info("part %d/%d written to %s; join the parts with python -m data_prep.merge",
-                     args.worker_index, args.num_workers, out)
+                     args.machine_index, args.num_machines, out)
             return 0
         man = assemble(out, records, cfg, args.jobs, mp_context(), progress, symbols)
     except (DatasetError, SheetError, FileNotFoundError, ValueError, KeyError) as e:

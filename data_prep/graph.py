@@ -54,27 +54,30 @@ FILES = ("nbr_idx.npy", "nbr_dist.npy", "leiden.npy", "pseudo_label.json", "meta
 
 @dataclass
 class GraphConfig:
-    target_sum: float = 1e4
-    n_hvg: int = 4000
-    hvg_bins: int = 20
-    n_pcs: int = 50
-    pca_oversample: int = 10
-    pca_power_iters: int = 4
-    dense_pca_max_entries: int = 4_000_000  # exact dense SVD when n_cells * n_hvg is at most this
-    k: int = 15
-    n_neighbours_kept: int = MAX_NEIGHBOURS
-    exact_knn_below: int = 5000  # brute force is exact and cheaper than NN-descent below this
-    nnd_neighbours: int = 30  # NN-descent graph degree (the k nearest are kept): 16 -> ~0.9
-    # recall@6 on real data, 30 -> ~0.99 for ~1.5x the time
-    nnd_jobs: int = 1  # pynndescent threads; 1 = reproducible
-    nnd_n_iters: int | None = None  # NN-descent iterations (None: pynndescent's default)
-    leiden_resolution: float = 1.0
-    # leidenalg passes over the graph (-1: until the partition is stable). 2, scanpy's advice,
-    # gives the same cluster count at 200k cells in 30 s where -1 takes minutes.
+    target_sum: float = 1e4  # normalise each cell to this total before log1p
+    n_hvg: int = 4000  # highly variable genes for the PCA
+    hvg_bins: int = 20  # mean bins for the HVG dispersion z-score
+    n_pcs: int = 50  # PCA components
+    pca_oversample: int = 10  # randomized SVD oversampling
+    pca_power_iters: int = 4  # randomized SVD power iterations
+    dense_pca_max_entries: int = 4_000_000  # exact dense SVD when cells x HVGs is at most this
+    k: int = 15  # nearest neighbours of the kNN graph (for Leiden)
+    n_neighbours_kept: int = MAX_NEIGHBOURS  # nearest neighbours stored with each sample (<= 6)
+    exact_knn_below: int = 5000  # exact kNN below this many cells, pynndescent above
+    # NN-descent graph degree (the k nearest are kept): 16 gives recall@6 ~0.9 on real data,
+    # 30 ~0.99 for ~1.5x the time
+    nnd_neighbours: int = 30
+    nnd_jobs: int = 1  # pynndescent threads (1 = reproducible)
+    nnd_n_iters: int | None = None  # NN-descent iterations (default: pynndescent's own)
+    leiden_resolution: float = 1.0  # Leiden resolution
+    # Leiden iterations (-1: until the partition is stable); 2, scanpy's advice, gives the same
+    # cluster count at 200k cells in 30 s where -1 takes minutes
     leiden_iterations: int = 2
-    leiden_backend: str = "leidenalg"  # or "igraph": its C Leiden on the same objective
+    leiden_backend: str = "leidenalg"  # leidenalg, or igraph (its C Leiden on the same objective)
+    # pseudo-label sub-clusters smaller than this fold into their cell type
     min_subcluster: int = 10
-    chunk_rows: int = 8192  # rows per streaming chunk (bounds the temporaries of hvg/normalise)
+    # rows per streaming chunk of the graph stage (bounds the temporaries of hvg/normalise)
+    chunk_rows: int = 8192
 
 
 def config_fingerprint(cfg: GraphConfig) -> dict:

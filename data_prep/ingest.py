@@ -78,12 +78,17 @@ class DatasetError(ValueError):
 @dataclass
 class IngestConfig:
     min_genes: int = 200  # QC: drop cells with fewer expressed genes
-    chunk_cells: int = 8192  # cells read per chunk (bounds peak memory)
-    counts_source: str = "auto"  # "auto", "X", "raw" (raw.X) or the name of a layer
-    min_dataset_genes: int = 1000  # reject datasets measuring fewer genes (targeted panels)
-    keep_non_primary: bool = False  # keep cells with is_primary_data == False
-    drop_unmapped_genes: bool = False  # leave out symbols no id is known for
-    organism: str | None = None  # organism of files with none in their sheet row, obs or uns
+    chunk_cells: int = 8192  # cells read per chunk while ingesting (bounds peak memory)
+    counts_source: str = "auto"  # raw counts matrix: auto, X, raw (raw.X) or a layer name
+    # reject datasets measuring fewer genes (targeted panels); the sheet's min_dataset_genes
+    # column overrides it per dataset
+    min_dataset_genes: int = 1000
+    # keep cells with is_primary_data == False (CELLxGENE duplicates)
+    keep_non_primary: bool = False
+    # leave out gene symbols no Ensembl id is known for (off: they keep their own name)
+    drop_unmapped_genes: bool = False
+    # organism (name or NCBITaxon:N) of files with none in their sheet row, obs or uns
+    organism: str | None = None
 
     def __post_init__(self):
         if self.min_genes < 0 or self.chunk_cells < 1 or self.min_dataset_genes < 0:
@@ -275,7 +280,7 @@ class CountsFile:
             "total": _Appender(out_dir / "total.npy", np.float32),
         }
         try:
-            _fill(self._reader, out, self.cfg, self.plan, self.primary, progress)
+            _append_kept_cells(self._reader, out, self.cfg, self.plan, self.primary, progress)
         finally:
             for a in out.values():
                 a.close()
@@ -448,8 +453,11 @@ def _validate(values: np.ndarray, path: Path, source: str, row_of) -> None:
             )
 
 
-def _fill(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig, plan: GenePlan,
-          primary: np.ndarray | None, progress: Callable[[int], None] | None) -> None:
+def _append_kept_cells(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig,
+                       plan: GenePlan, primary: np.ndarray | None,
+                       progress: Callable[[int], None] | None) -> None:
+    """Read the matrix chunk by chunk (validated, genes as the plan's, QC'd) and append the kept
+    cells' CSR rows to ``out``, so memory stays one chunk whatever the file's size."""
     out["indptr"].append(np.zeros(1, np.int64))
     offset = 0
     n = reader.shape[0]

@@ -18,7 +18,7 @@ from . import atomic
 from .shard_format import CLASSES, UNKNOWN
 
 LABELS_FILE = "labels.json"
-KINDS = (*CLASSES, "pseudo_label", "groups")
+LABEL_KINDS = (*CLASSES, "pseudo_label", "groups")
 
 
 def map_labels(label_map: np.ndarray, label_codes: np.ndarray) -> np.ndarray:
@@ -30,13 +30,13 @@ def map_labels(label_map: np.ndarray, label_codes: np.ndarray) -> np.ndarray:
 
 class LabelVocab:
     def __init__(self):
-        self._values: dict[str, list] = {k: [] for k in KINDS}
-        self._index: dict[str, dict] = {k: {} for k in KINDS}
+        self._values: dict[str, list] = {k: [] for k in LABEL_KINDS}
+        self._index: dict[str, dict] = {k: {} for k in LABEL_KINDS}
 
     @staticmethod
     def _check(kind: str) -> None:
-        if kind not in KINDS:
-            raise KeyError(f"unknown label kind {kind!r}; expected one of {KINDS}")
+        if kind not in LABEL_KINDS:
+            raise KeyError(f"unknown label kind {kind!r}; expected one of {LABEL_KINDS}")
 
     @staticmethod
     def _key(kind: str, value):

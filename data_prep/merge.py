@@ -1,11 +1,11 @@
 """Join the parts of a build split across machines into one output.
 
     # on machine I of W (e.g. a job-array task), the same inputs and flags everywhere:
-    python -m data_prep.build_shards INPUTS... --num-workers W --worker-index I --out parts/I
+    python -m data_prep.build_shards INPUTS... --num-machines W --machine-index I --out parts/I
     # then once, when all parts are done:
     python -m data_prep.merge parts/0 parts/1 ... --out OUT [--jobs N]
 
-Workers run the per-dataset stages (ingest, cell graph) of their share of the datasets. The
+The machines run the per-dataset stages (ingest, cell graph) of their share of the datasets. The
 vocabularies, weights and stream need every dataset, so the merge builds them, packs the shards
 and writes the manifest and report, reading the parts' artifacts in place (keep the parts until
 the merge is done). The result is byte-identical to a single run over all datasets; like a build,
@@ -38,8 +38,10 @@ def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfi
         try:
             doc = json.loads((part / PART_FILE).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"{part}: no {PART_FILE}; is this worker finished?") from None
-        key = (doc["config"], doc["n_datasets"], doc["num_workers"], doc["symbols"])
+            raise FileNotFoundError(f"{part}: no {PART_FILE}; has its machine finished?") from None
+        # "num_workers": the name in parts written before --num-machines
+        n_machines = doc["num_machines"] if "num_machines" in doc else doc["num_workers"]
+        key = (doc["config"], doc["n_datasets"], n_machines, doc["symbols"])
         if first is None:
             first = key
         elif key != first:
@@ -54,7 +56,7 @@ def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfi
     missing = sorted(set(range(first[1])) - set(records))
     if missing:
         raise ValueError(f"{len(missing)} of {first[1]} datasets are in no part (parts of "
-                         f"workers {sorted({i % first[2] for i in missing})} missing?)")
+                         f"machines {sorted({i % first[2] for i in missing})} missing?)")
     symbols = SymbolMap.load(Path(parts[0]) / "work" / "genes" / SYMBOLS_FILE)
     if symbols.digest() != first[3]:
         raise ValueError(f"{parts[0]}: work/genes/{SYMBOLS_FILE} is not the one of its part.json")
@@ -64,7 +66,7 @@ def load_parts(parts: list[str | Path]) -> tuple[list[DatasetRecord], BuildConfi
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.merge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("parts", nargs="+", help="the workers' --out folders")
+    p.add_argument("parts", nargs="+", help="the machines' --out folders")
     p.add_argument("--out", required=True, help="output folder of the joined build")
     p.add_argument("--jobs", type=int, default=1, help="parallel packing processes")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

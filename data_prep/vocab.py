@@ -57,9 +57,9 @@ class OrganismRange:
 
 @dataclass(frozen=True)
 class VocabConfig:
-    headroom: float = 0.25  # extra ids per organism, as a fraction of its genes ...
+    headroom: float = 0.25  # spare gene ids per organism, as a fraction of its genes ...
     min_headroom: int = 1024  # ... but at least this many
-    block: int = 1024  # range sizes are multiples of this
+    block: int = 1024  # organism ranges are multiples of this size
 
 
 class GeneVocab:

@@ -1,17 +1,29 @@
 """Typed trainer configuration and its command line, generated from the dataclass fields.
 
-Every field of ``TrainConfig`` becomes ``--field-name`` (and ``--field_name``: the DeepSpeed
-convention, e.g. ``--deepspeed_config``), so the command line, the defaults and the resolved
-``RUN/config.json`` can never drift apart. Boolean fields become ``--name`` / ``--no-name``.
+A run is four sections (``RunConfig``): ``train`` (the run: shards, output, preset, steps,
+checkpoints, evaluation), ``optim`` (AdamW and its schedule), ``model`` (``ModelConfig``:
+architecture, loss weights) and ``data`` (``DataConfig``: context, batch, corruption,
+neighbours). Every field is a flag (``data_prep.flags``): ``--model.w-zinb``,
+``--data.mask-max``, ... (``_`` for ``-`` works too); the ``train`` and ``optim`` fields also go
+without their section (``--max-steps``, ``--lr``, and ``--deepspeed_config``, the DeepSpeed
+spelling), and the data and model fields a run is usually given keep their short names
+(``SHORT_NAMES``: ``--context``, ``--batch-size``, ``--attention``, ...). The whole resolved
+configuration is written to ``RUN/config.json``, so the command line, the defaults and the
+record cannot drift apart.
+
+What a flag left unset takes: the model preset's architecture (``pretrain/model.py``,
+``PRESETS``), its optimisation recipe (``RECIPES``), the trainer's data defaults
+(``TRAINER_DEFAULTS``), else the dataclass default. An explicit flag always wins.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
+
+from data_prep import flags
+from pretrain.data import DataConfig
+from pretrain.model import PRESETS, ModelConfig
 
 # Optimisation recipe of each model preset: what a flag left unset takes. small/medium/large are
 # scPRINT-2's published settings (per-GPU batch, peak lr, warmup, clipping; medium's clipping is
@@ -19,56 +31,67 @@ from dataclasses import dataclass, field
 # of 2e-3 beat 1e-3 (docs/benchmarks/learning.md), and docs/benchmarks/quality.md shows what
 # 600 steps of it give on cells it never saw.
 RECIPES = {
-    "tiny": dict(batch_size=16, lr=2e-3, warmup_steps=50, grad_clip=40.0),
-    "small": dict(batch_size=30, lr=1e-4, warmup_steps=500, grad_clip=40.0),
-    "medium": dict(batch_size=16, lr=1e-4, warmup_steps=2000, grad_clip=2.0),
-    "large": dict(batch_size=16, lr=5e-5, warmup_steps=4000, grad_clip=2.0),
+    "tiny": {"data.batch_size": 16, "optim.lr": 2e-3, "optim.warmup_steps": 50,
+             "optim.grad_clip": 40.0},
+    "small": {"data.batch_size": 30, "optim.lr": 1e-4, "optim.warmup_steps": 500,
+              "optim.grad_clip": 40.0},
+    "medium": {"data.batch_size": 16, "optim.lr": 1e-4, "optim.warmup_steps": 2000,
+               "optim.grad_clip": 2.0},
+    "large": {"data.batch_size": 16, "optim.lr": 5e-5, "optim.warmup_steps": 4000,
+              "optim.grad_clip": 2.0},
 }
+# The trainer's data settings where DataConfig's defaults (made for reading shards in general)
+# differ: two corrupted views per cell (the contrastive term), loader processes chosen by the
+# device (-1: 2 on a GPU, 0 = in the training process on CPU ranks).
+TRAINER_DEFAULTS = {"data.views": 2, "data.num_workers": -1}
+# Set by the trainer: the shards are --shards, training reads the train split, pinned memory
+# goes with CUDA.
+SKIP = {"data.shards", "data.split", "data.pin_memory"}
+SHORT_NAMES = {
+    "data.context": "context", "data.batch_size": "batch-size", "data.views": "views",
+    "data.num_workers": "workers", "model.attention": "attention",
+    "model.checkpointing": "activation-checkpointing",
+    "model.gene_embedding_file": "gene-embeddings",
+}
+# What the data settings mean to the trainer, where DataConfig says it in general terms.
+HELPS = {
+    "data.batch_size": "cells per rank per micro-step (unset: the preset's recipe)",
+    "data.views": "corrupted views per cell: 2 trains the contrastive term between them, 1 skips "
+                  "it",
+    "data.num_workers": "loader worker processes per rank (-1: 2 on a GPU, 0 = in-process on "
+                        "CPU ranks)",
+    "data.seed": "seed of the data stream and its corruption (unset: --seed)",
+    # DataConfig fields without a comment of their own
+    "data.short_context_min": "shortest context of a short-context batch",
+    "data.max_neighbours": "most neighbours given with a cell",
+    "data.mask_max": "see --data.mask-scale",
+}
+SECTIONS = [
+    flags.Section("train", "", "run settings"),
+    flags.Section("optim", "", "optimiser settings (AdamW, warmup then cosine decay)"),
+    flags.Section("model", None, "model settings (unset: the --model preset's, "
+                  "pretrain/model.py PRESETS; the defaults shown are tiny's)"),
+    flags.Section("data", None, "data settings (how cells become batches: context, "
+                  "corruption, neighbours)"),
+]
 
 
 @dataclass
 class TrainConfig:
-    """What one training run needs besides the model preset and the DeepSpeed JSON."""
+    """The run: where its data and outputs are, how long it goes, what it logs and saves."""
 
     deepspeed_config: str = field(
         default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON; 'auto' values are "
                                                    "filled from this config"})
     shards: str = field(default="", metadata={"help": "build_shards output dir (manifest.json)"})
     out: str = field(default="", metadata={"help": "run dir: TensorBoard, checkpoints, config"})
-    model: str = field(default="tiny", metadata={"help": "preset: tiny, small, medium, large"})
-    attention: str = field(default="", metadata={"help": "override the preset's attention "
-                                                 "(criss_cross or full); empty keeps the preset"})
+    model: str = field(default="tiny", metadata={
+        "help": f"preset: {', '.join(PRESETS)} (architecture and optimisation recipe)"})
     max_steps: int = field(default=1000, metadata={"help": "stop after this optimizer step"})
-    schedule_steps: int = field(default=0, metadata={
-        "help": "length of the lr schedule (0 = max-steps); set it to train in chunks"})
-    activation_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute the trunk blocks' activations in backward (less memory, ~30% slower)"})
-    gene_embeddings: str = field(default="", metadata={
-        "help": ".npy [n_ids, E] of precomputed gene embeddings (frozen, trainable adapter); "
-                "empty: a learned embedding table"})
-    views: int = field(default=2, metadata={
-        "help": "corrupted views per cell: 2 trains the contrastive term between them, 1 skips it"})
-    batch_size: int | None = field(default=None, metadata={
-        "help": "cells per rank per micro-step (unset: the preset's recipe)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
-    context: int = field(default=3200, metadata={"help": "genes per cell (max context)"})
-    lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate of AdamW (unset: the preset's recipe)"})
-    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
-    warmup_steps: int | None = field(default=None, metadata={
-        "help": "linear warmup steps (unset: the preset's recipe)"})
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-7
-    grad_clip: float | None = field(default=None, metadata={
-        "help": "max global grad norm, used where the JSON says gradient_clipping 'auto' "
-                "(unset: the preset's recipe)"})
     precision: str = field(default="auto", metadata={
         "help": "auto (the JSON decides; 'auto' there means bf16), bf16 or fp32"})
-    seed: int = 0
-    workers: int = field(default=-1, metadata={
-        "help": "loader worker processes per rank (-1: 2 on a GPU, 0 = in-process on CPU ranks)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the initial weights and (unless --data.seed) the data stream"})
     deterministic: bool = field(default=False, metadata={
         "help": "bitwise-reproducible steps on GPUs (a resumed run then repeats the "
                 "uninterrupted one exactly): torch's deterministic algorithms and the "
@@ -86,54 +109,72 @@ class TrainConfig:
         "help": "peak TFLOP/s per rank for MFU (0 = known GPU table, else MFU not logged)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher"})
 
-    def __post_init__(self) -> None:
-        """Optimisation settings left unset take the preset's recipe (``RECIPES``)."""
-        if self.model not in RECIPES:
-            raise ValueError(f"unknown model preset {self.model!r}; choose from {sorted(RECIPES)}")
-        for name, value in RECIPES[self.model].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
+
+@dataclass
+class OptimConfig:
+    """AdamW (weight decay on matrices only) with linear warmup and cosine decay."""
+
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (unset: the preset's recipe)"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr / peak lr (cosine)"})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "linear warmup steps (unset: the preset's recipe)"})
+    schedule_steps: int = field(default=0, metadata={
+        "help": "length of the lr schedule (0 = max-steps); set it to train in chunks"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    grad_clip: float | None = field(default=None, metadata={
+        "help": "max global grad norm, used where the JSON says gradient_clipping 'auto' "
+                "(unset: the preset's recipe)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_eps: float = field(default=1e-7, metadata={"help": "AdamW epsilon"})
 
 
-def _parser_type(tp: object) -> type:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None: parse as X
-        tp = next(t for t in typing.get_args(tp) if t is not type(None))
-    if tp in (int, "int"):
-        return int
-    if tp in (float, "float"):
-        return float
-    return str
+@dataclass
+class RunConfig:
+    """Everything one training run is given; ``RUN/config.json`` records it resolved."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One option per field of ``cls`` (dashes and underscores both accepted)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        names = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            names.append(f"--{f.name}")
-        help_ = f.metadata.get("help", "")
-        if hints[f.name] is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_)
-        else:
-            if f.default is not None:
-                help_ = f"{help_} (default: {f.default})"
-            parser.add_argument(*names, dest=f.name, type=_parser_type(hints[f.name]),
-                                default=f.default, help=help_)
-
-
-def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
         prog="pretrain/train.py", allow_abbrev=False,
         description="Pretrain a single-cell foundation model with DeepSpeed ZeRO.")
-    add_dataclass_args(parser, TrainConfig)
+    flags.add_flags(p, RunConfig, SECTIONS, SHORT_NAMES, SKIP, HELPS, underscores=True,
+                    defaults=resolve({}))
+    return p
+
+
+def resolve(given: dict) -> RunConfig:
+    """The run's configuration from the settings given ({path: value}, e.g. the command line's):
+    explicit values over the preset's architecture and recipe over the trainer's defaults.
+    Raises ValueError for an unknown preset or a setting a section rejects."""
+    preset = given.get("train.model", TrainConfig.model)
+    if preset not in RECIPES:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(RECIPES)}")
+    values = {**TRAINER_DEFAULTS, **RECIPES[preset], **given}
+    values.setdefault("data.seed", values.get("train.seed", TrainConfig.seed))
+    values.setdefault("data.shards", values.get("train.shards", TrainConfig.shards))
+    context = values.get("data.context", DataConfig.context)
+    values.setdefault("data.short_context_min", min(context, DataConfig.short_context_min))
+    model = ModelConfig.preset(preset, **{k.split(".", 1)[1]: v for k, v in values.items()
+                                          if k.startswith("model.")})
+    return flags.build(RunConfig, values, RunConfig(model=model))
+
+
+def parse_train_config(argv: list[str] | None = None) -> RunConfig:
+    p = parser()
     try:
-        cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    except ValueError as e:
-        parser.error(str(e))
-    if not cfg.shards or not cfg.out:
-        parser.error("--shards and --out are required")
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        parser.error(f"--precision {cfg.precision!r}: expected auto, bf16 or fp32")
+        cfg = resolve(flags.given(p.parse_args(argv)))
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+    if not cfg.train.shards or not cfg.train.out:
+        p.error("--shards and --out are required")
+    if cfg.train.precision not in ("auto", "bf16", "fp32"):
+        p.error(f"--precision {cfg.train.precision!r}: expected auto, bf16 or fp32")
     return cfg

@@ -43,42 +43,42 @@ INIT_STD = 0.02
 class ModelConfig:
     """Architecture and objective settings; ``preset`` gives the four standard sizes."""
 
-    d_model: int = 256
-    n_layers: int = 8
-    n_heads: int = 4
-    attention: str = "criss_cross"  # "criss_cross" | "full"
-    n_latents: int = 200
+    d_model: int = 256  # width of the gene tokens
+    n_layers: int = 8  # transformer blocks of the trunk
+    n_heads: int = 4  # attention heads (d_model must divide by it)
+    attention: str = "criss_cross"  # criss_cross (genes <-> latents) or full
+    n_latents: int = 200  # latent tokens of criss-cross attention
     latent_dim: int = 128  # width of the latent tokens (scPRINT-2: s = 128)
     cell_layers: int = 2  # depth of the cell-token transformer
-    mlp_ratio: int = 4
-    dropout: float = 0.1
-    # Dropout inside the DeepSet neighbour encoder; > 0 makes training take its unfused
-    # reference path (the fused kernel has no dropout), which materialises [B, K, L, d].
+    mlp_ratio: int = 4  # MLP hidden width / d_model
+    dropout: float = 0.1  # dropout of the trunk
+    # dropout inside the DeepSet neighbour encoder; > 0 makes training take its unfused
+    # reference path (the fused kernel has no dropout), which materialises [B, K, L, d]
     neighbour_dropout: float = 0.0
     checkpointing: bool = False  # activation checkpointing of the trunk blocks
-    kernels: str = "auto"  # "auto": fused kernels where they run; "reference": PyTorch only
-    # Precomputed gene embeddings (.npy [n_genes, E], frozen) + a trainable 2-layer adapter;
-    # None: a learned table over the global vocabulary (id 0 = padding).
+    kernels: str = "auto"  # auto: fused kernels where they run; reference: PyTorch only
+    # precomputed gene embeddings (.npy [n_genes, E], frozen) + a trainable 2-layer adapter;
+    # unset: a learned table over the global vocabulary (id 0 = padding)
     gene_embedding_file: str | None = None
-    # Scale of the ZINB mean: "context" = the cell's total count over its context genes (the
-    # softmax covers exactly those genes), "library" = the full profile's library size.
+    # scale of the ZINB mean: context = the cell's total count over its context genes (the
+    # softmax covers exactly those genes), library = the full profile's library size
     mean_scale: str = "context"
-    # How cell identity reaches the heads (docs/benchmarks/learning.md measures each switch):
-    # token_norm: the gene token is LN(gene embedding) + LN(expression) + LN(neighbours), so no
-    # component can swamp the others; neighbour_scale_init: the initial gain of the neighbour
-    # component's norm (0: it starts switched off and grows only as far as it helps);
-    # pooled_readout: the cell tokens start from the normalised mean of the gene states;
-    # classification: "softmax" (cross-entropy over a class's leaf labels) or "bce" (the
-    # reference's per-label binary cross-entropy).
+    # how cell identity reaches the heads (docs/benchmarks/learning.md measures each switch):
+    # the gene token is LN(gene embedding) + LN(expression) + LN(neighbours), so no component
+    # can swamp the others
     token_norm: bool = True
+    # initial gain of the neighbour component's norm (0: it starts switched off and grows only
+    # as far as it helps)
     neighbour_scale_init: float = 0.0
-    pooled_readout: bool = True
+    pooled_readout: bool = True  # the cell tokens start from the normalised mean of the gene states
+    # softmax (cross-entropy over a class's leaf labels) or bce (the reference's per-label
+    # binary cross-entropy)
     classification: str = "softmax"
-    w_zinb: float = 1.0
-    w_mse: float = 0.0  # optional MSE between log2(1 + mean) and log2(1 + counts)
-    w_classification: float = 6.0
-    w_contrastive: float = 1.0  # used when the batch carries a second view
-    temperature: float = 0.1
+    w_zinb: float = 1.0  # weight of the ZINB expression loss
+    w_mse: float = 0.0  # weight of an optional MSE between log2(1 + mean) and log2(1 + counts)
+    w_classification: float = 6.0  # weight of the cell-label classification loss
+    w_contrastive: float = 1.0  # weight of the contrastive loss (when a batch has two views)
+    temperature: float = 0.1  # temperature of the contrastive loss
 
     def __post_init__(self):
         if self.attention not in ("criss_cross", "full"):

@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 from data_prep import atomic  # noqa: E402
 from data_prep.labels import LabelVocab  # noqa: E402
 from data_prep.shard_format import CLASSES, load_manifest  # noqa: E402
-from pretrain.config import TrainConfig, parse_train_config  # noqa: E402
+from pretrain.config import OptimConfig, RunConfig, TrainConfig, parse_train_config  # noqa: E402
 from pretrain.device_peaks import DevicePeak, device_peak  # noqa: E402
 from pretrain.distributed import gather_across_ranks, sum_across_ranks  # noqa: E402
 from pretrain.evaluate import evaluate, to_device  # noqa: E402
@@ -48,8 +48,8 @@ AUTO_WORKERS_CUDA = 2
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
-def resolve_ds_config(cfg: TrainConfig, path: str | Path) -> dict:
-    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the trainer config."""
+def resolve_ds_config(cfg: RunConfig, path: str | Path) -> dict:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run's config."""
     path = Path(path)
     try:
         ds = json.loads(path.read_text())
@@ -57,16 +57,17 @@ def resolve_ds_config(cfg: TrainConfig, path: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: DeepSpeed config not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    auto = {"train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum, "gradient_clipping": cfg.grad_clip}
+    auto = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": cfg.optim.grad_accum,
+            "gradient_clipping": cfg.optim.grad_clip}
     for key, value in auto.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     if ds.get("train_batch_size") == "auto":  # DeepSpeed derives it: micro x accum x world
         del ds["train_batch_size"]
     bf16 = ds.setdefault("bf16", {})
-    if cfg.precision != "auto":
-        bf16["enabled"] = cfg.precision == "bf16"
+    if cfg.train.precision != "auto":
+        bf16["enabled"] = cfg.train.precision == "bf16"
     elif bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = True
     if ds.get("fp16", {}).get("enabled") is True and bf16["enabled"]:
@@ -80,9 +81,10 @@ def offloads_optimizer(ds: dict) -> bool:
     return device in ("cpu", "nvme")
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` at the schedule's end."""
-    total = cfg.schedule_steps or cfg.max_steps
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` at the schedule's end
+    (``schedule_steps``, else ``max_steps``)."""
+    total = cfg.schedule_steps or max_steps
     warmup = min(cfg.warmup_steps, max(total - 1, 0))
 
     def factor(step: int) -> float:
@@ -94,7 +96,7 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, ds: dict) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, ds: dict) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (biases, norms and scalars are not decayed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
@@ -265,13 +267,14 @@ def make_deterministic() -> None:
 class Trainer:
     """One rank's view of a run: engine, data, logging, checkpoints."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, run_cfg: RunConfig):
         import deepspeed
 
-        from pretrain.data import CellLoader, DataConfig
-        from pretrain.model import ModelConfig, ScPrintModel
+        from pretrain.data import CellLoader
+        from pretrain.model import ScPrintModel
 
-        self.cfg = cfg
+        self.run_cfg, self.cfg = run_cfg, run_cfg.train
+        cfg = run_cfg.train
         self.run = Path(cfg.out)
         self.ckpt_dir = self.run / CKPT_DIR
         if cfg.deterministic:
@@ -289,30 +292,25 @@ class Trainer:
         self.n_labels = dict(self.manifest["labels"]["n_labels"])
 
         seed_all(cfg.seed)  # identical initial weights on every rank
-        overrides = {"attention": cfg.attention} if cfg.attention else {}
-        if cfg.activation_checkpointing:
-            overrides["checkpointing"] = True
-        if cfg.gene_embeddings:
-            overrides["gene_embedding_file"] = cfg.gene_embeddings
-        self.model_cfg = ModelConfig.preset(cfg.model, **overrides)
+        self.model_cfg = run_cfg.model
         self.hierarchy = (load_label_hierarchy(cfg.label_hierarchy, cfg.shards, self.manifest)
                           if cfg.label_hierarchy else None)
         model = ScPrintModel(self.model_cfg, int(self.manifest["vocab"]["n_ids"]), self.n_labels,
                              self.hierarchy)
         seed_all(cfg.seed + 1000 * (self.rank + 1))  # then distinct dropout/noise per rank
 
-        self.ds_config = resolve_ds_config(cfg, cfg.deepspeed_config)
-        optimizer = build_optimizer(cfg, model, self.ds_config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ds_config = resolve_ds_config(run_cfg, cfg.deepspeed_config)
+        optimizer = build_optimizer(run_cfg.optim, model, self.ds_config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      lr_lambda(run_cfg.optim, cfg.max_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.device = self.engine.device
 
-        workers = cfg.workers if cfg.workers >= 0 else (AUTO_WORKERS_CUDA if cuda else 0)
-        self.data_cfg = DataConfig(shards=cfg.shards, context=cfg.context,
-                                   short_context_min=min(cfg.context, DataConfig.short_context_min),
-                                   batch_size=cfg.batch_size, views=cfg.views, seed=cfg.seed,
-                                   num_workers=workers, pin_memory=cuda)
+        data = run_cfg.data
+        workers = data.num_workers if data.num_workers >= 0 else (AUTO_WORKERS_CUDA if cuda else 0)
+        self.data_cfg = replace(data, shards=cfg.shards, split="train", num_workers=workers,
+                                pin_memory=cuda)
         self.loader = CellLoader(self.data_cfg, self.rank, self.world)
         self.step = load_checkpoint(self.engine, self.ckpt_dir, self.loader) if cfg.resume else 0
         self.batches = iter(self.loader)
@@ -331,7 +329,8 @@ class Trainer:
                   "(give --peak-tflops or SCPRETRAIN_PEAK_TFLOPS)", flush=True)
 
     def _write_config(self) -> None:
-        resolved = {"train": asdict(self.cfg), "model": asdict(self.model_cfg),
+        resolved = {"train": asdict(self.cfg), "optim": asdict(self.run_cfg.optim),
+                    "model": asdict(self.model_cfg),
                     "data": asdict(self.data_cfg), "deepspeed": self.ds_config,
                     "world_size": self.world, "n_genes": int(self.manifest["vocab"]["n_ids"]),
                     "n_labels": self.n_labels, "label_hierarchy": self.hierarchy}
@@ -343,7 +342,7 @@ class Trainer:
         the host-side counts (lr, cells, tokens, FLOPs)."""
         losses: dict[str, torch.Tensor] = {}
         counts: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # this step's lr
-        for _ in range(self.cfg.grad_accum):
+        for _ in range(self.run_cfg.optim.grad_accum):
             # torch's DataLoader draws from the global RNG when its iterator starts: keep that
             # out of the training stream, or a resumed run's dropout would shift by one draw.
             with torch.random.fork_rng(devices=[]):
@@ -359,7 +358,7 @@ class Trainer:
             self.engine.step()
             for name, value in [("total", out["loss"]), *out["losses"].items()]:
                 key = f"loss/{name}"
-                term = value.detach().double() / self.cfg.grad_accum
+                term = value.detach().double() / self.run_cfg.optim.grad_accum
                 losses[key] = losses[key] + term if key in losses else term
         return losses, counts
 

@@ -333,20 +333,20 @@ def test_epoch_added_later_and_kill_resume_are_byte_identical(build):
 @pytest.fixture(scope="module")
 def merged(build):
     parts = [build["root"] / f"part{i}" for i in range(2)]
-    # worker 0 has the large datasets: reuse their artifacts; worker 1 computes its own
+    # machine 0 has the large datasets: reuse their artifacts; machine 1 computes its own
     man = load_manifest(build["out"])
     for d in man["datasets"][::2]:
         shutil.copytree(build["out"] / "work" / "datasets" / d["name"],
                         parts[0] / "work" / "datasets" / d["name"])
     for i, part in enumerate(parts):
-        _cli("data_prep.build_shards", *build["args"], "--num-workers", 2, "--worker-index", i,
+        _cli("data_prep.build_shards", *build["args"], "--num-machines", 2, "--machine-index", i,
              "--out", part)
     out = build["root"] / "merged"
     _cli("data_prep.merge", *parts, "--out", out, "--jobs", "1", "--quiet")
     return out
 
 
-def test_two_workers_and_merge_equal_a_single_run(build, merged):
+def test_two_machines_and_merge_equal_a_single_run(build, merged):
     assert (merged / "manifest.json").read_bytes() == (build["out"] / "manifest.json").read_bytes()
     assert _shard_bytes(merged) == _shard_bytes(build["out"])
 

@@ -299,7 +299,7 @@ def test_tiny_recipe_learns_cell_types_of_held_out_cells(repo_root, shards, tmp_
                     str(steps), "--eval-batches", "10", "--ckpt-every", "0")
     _train(repo_root, cmd, timeout=420)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["train"]["lr"] == 2e-3 and config["train"]["warmup_steps"] == 50  # the recipe
+    assert config["optim"]["lr"] == 2e-3 and config["optim"]["warmup_steps"] == 50  # the recipe
     accuracy = _scalars(tmp_path)["eval/cell_type_accuracy"][-1]
     assert accuracy[0] == steps
     held_out = CellLoader(DataConfig(shards=str(shards), split="eval", batch_size=512,

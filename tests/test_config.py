@@ -1,0 +1,80 @@
+"""The command lines generated from the configuration dataclasses (data_prep.flags)."""
+
+import argparse
+
+import pytest
+
+from data_prep import flags
+from data_prep.build_shards import parser as build_parser
+from data_prep.config import SKIP as BUILD_SKIP
+from data_prep.config import BuildConfig, config_from_args
+from pretrain.config import SKIP as TRAIN_SKIP
+from pretrain.config import RunConfig, parse_train_config, resolve
+from pretrain.config import parser as train_parser
+
+
+def _flag_paths(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in p._actions if a.option_strings and a.dest != "help"}
+
+
+@pytest.mark.parametrize("cls, make, skip", [(RunConfig, train_parser, TRAIN_SKIP),
+                                             (BuildConfig, build_parser, BUILD_SKIP)])
+def test_every_setting_is_a_flag_with_its_help(cls, make, skip):
+    actions = _flag_paths(make())
+    for path in flags.paths(cls):
+        if path in skip:  # set by other means (e.g. --gene-table, --shards)
+            continue
+        assert path in actions, f"{path} has no flag"
+        assert actions[path].help and not actions[path].help.startswith("(default"), path
+
+
+def test_trainer_flags_old_and_nested():
+    base = ["--shards", "S", "--out", "R"]
+    cfg = parse_train_config([*base, "--max-steps", "7", "--context", "512", "--batch-size", "4",
+                              "--deepspeed_config", "ds_configs/zero1.json", "--attention",
+                              "full", "--activation-checkpointing", "--workers", "0", "--views",
+                              "1", "--lr", "1e-3", "--warmup_steps", "3", "--deterministic",
+                              "--model.w-zinb", "2.5", "--model.w_contrastive", "0.5",
+                              "--data.mask-max", "0.4", "--data.n-neighbours", "3",
+                              "--model.d-model", "128"])
+    assert (cfg.train.max_steps, cfg.train.deepspeed_config, cfg.train.deterministic) == (
+        7, "ds_configs/zero1.json", True)
+    assert (cfg.data.context, cfg.data.batch_size, cfg.data.num_workers, cfg.data.views) == (
+        512, 4, 0, 1)
+    assert (cfg.data.mask_max, cfg.data.n_neighbours, cfg.data.shards) == (0.4, 3, "S")
+    assert (cfg.model.attention, cfg.model.checkpointing, cfg.model.d_model) == ("full", True, 128)
+    assert (cfg.model.w_zinb, cfg.model.w_contrastive, cfg.model.n_layers) == (2.5, 0.5, 2)
+    assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip) == (1e-3, 3, 40.0)
+
+
+def test_trainer_defaults_come_from_the_preset():
+    tiny = resolve({"train.shards": "S"})
+    assert (tiny.optim.lr, tiny.data.batch_size, tiny.model.d_model) == (2e-3, 16, 64)
+    assert (tiny.data.views, tiny.data.num_workers, tiny.data.short_context_min) == (2, -1, 800)
+    large = resolve({"train.model": "large", "train.seed": 3, "data.context": 512})
+    assert (large.optim.lr, large.optim.warmup_steps, large.model.d_model) == (5e-5, 4000, 1280)
+    assert (large.data.seed, large.data.short_context_min) == (3, 512)
+    with pytest.raises(ValueError, match="unknown model preset"):
+        resolve({"train.model": "huge"})
+    with pytest.raises(SystemExit):  # a section's own check, reported by the parser
+        parse_train_config(["--shards", "S", "--out", "R", "--data.views", "3"])
+
+
+def test_build_flags_short_and_nested():
+    args = build_parser().parse_args([
+        "in.h5ad", "--out", "O", "--min-genes", "5", "--graph.k", "7", "--no-pool-cell-types",
+        "--vocab-block", "64", "--neighbours", "4", "--eval-datasets", "a", "b", "--keep-going",
+        "--pack.epochs", "3", "--gene-table", "human=t.tsv"])
+    cfg = config_from_args(args)
+    assert (cfg.ingest.min_genes, cfg.graph.k, cfg.weights.pool_cell_types) == (5, 7, False)
+    assert (cfg.vocab_sizing.block, cfg.graph.n_neighbours_kept, cfg.pack.neighbours) == (64, 4, 4)
+    assert (cfg.pack.eval_datasets, cfg.pack.epochs, cfg.strict) == (["a", "b"], 3, False)
+    assert cfg.gene_tables == {"NCBITaxon:9606": "t.tsv"}
+    assert config_from_args(build_parser().parse_args(["--out", "O"])) == BuildConfig()
+    assert config_from_args(build_parser().parse_args(["--out", "O", "--strict"])).strict
+
+
+def test_build_machine_split_flags_and_their_deprecated_names():
+    new = build_parser().parse_args(["--out", "O", "--num-machines", "3", "--machine-index", "2"])
+    old = build_parser().parse_args(["--out", "O", "--num-workers", "3", "--worker-index", "2"])
+    assert (new.num_machines, new.machine_index) == (old.num_machines, old.machine_index) == (3, 2)
