@@ -392,7 +392,9 @@ def main(argv=None) -> None:
     text = report(results)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        from data_prep import atomic
+
+        atomic.write_text(args.json, json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import atomic
+
 REPO = Path(__file__).resolve().parents[1]
 PBMC = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
 BRAIN = "mouse_brain_10x_scanpy_10kcells_1000genes_raw.h5ad"
@@ -46,7 +48,7 @@ def split_pbmc(data: Path, work: Path) -> list[Path]:
 def build(work: Path, inputs: list[Path], pooled: bool, samples: int) -> Path:
     out = work / ("pooled" if pooled else "per_dataset")
     sheet = work / "sheet.csv"
-    sheet.write_text("path,organism,cell_type\n" + "".join(
+    atomic.write_text(sheet, "path,organism,cell_type\n" + "".join(
         f"{p},{'mouse' if p.name == BRAIN else 'human'},{'-' if p.name == BRAIN else ''}\n"
         for p in inputs))
     cmd = [sys.executable, "-m", "data_prep.build_shards", "--sheet", str(sheet), "--out",

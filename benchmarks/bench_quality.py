@@ -116,7 +116,8 @@ def training_sheet(ctrl: Path, extra_sheet: str, out: Path) -> Path:
         extra["path"] = [str((Path(extra_sheet).parent / p).resolve()) for p in extra["path"]]
         rows.append(extra[[Path(p).resolve() != PBMC.resolve() for p in extra["path"]]])
     sheet = out / "train_sheet.csv"
-    pd.concat(rows, ignore_index=True).fillna("").to_csv(sheet, index=False)
+    with atomic.atomic_path(sheet) as tmp:
+        pd.concat(rows, ignore_index=True).fillna("").to_csv(tmp, index=False)
     return sheet
 
 
@@ -399,7 +400,8 @@ def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
     np.atleast_1d(axes)[-1].legend(markerscale=3, fontsize=7, loc="center left",
                                    bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
-    fig.savefig(picture)
+    with atomic.atomic_path(picture) as tmp:
+        fig.savefig(tmp, format=picture.suffix.lstrip("."))
     plt.close(fig)
     command = " ".join(["python benchmarks/bench_quality.py", *sys.argv[1:]])
     text = (f"# Held-out quality against baselines\n\n"
@@ -411,7 +413,7 @@ def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
     old = doc.read_text() if doc.is_file() else ""
     if NOTES in old:  # a hand-written interpretation of earlier runs survives a rerun
         text += "\n" + old[old.index(NOTES):]
-    doc.write_text(text)
+    atomic.write_text(doc, text)
     print(f"wrote {doc} and {picture}")
 
 
