@@ -78,3 +78,16 @@ def test_build_machine_split_flags_and_their_deprecated_names():
     new = build_parser().parse_args(["--out", "O", "--num-machines", "3", "--machine-index", "2"])
     old = build_parser().parse_args(["--out", "O", "--num-workers", "3", "--worker-index", "2"])
     assert (new.num_machines, new.machine_index) == (old.num_machines, old.machine_index) == (3, 2)
+
+
+def test_trainer_options_are_no_prefix_of_torchrun_options():
+    """torchrun's parser abbreviates: a script option that begins one of its options would be
+    taken for it (two: an 'ambiguous option' error). Only --local-rank, which the deepspeed
+    launcher passes, begins one (--local-ranks-filter), and torchrun never sees it."""
+    from torch.distributed.run import get_args_parser
+
+    theirs = [o for a in get_args_parser()._actions for o in a.option_strings]
+    ours = [o for a in train_parser()._actions for o in a.option_strings if o not in ("-h",
+                                                                                   "--help")]
+    clashes = {o for o in ours for t in theirs if t.startswith(o)}
+    assert clashes == {"--local-rank", "--local_rank"}
