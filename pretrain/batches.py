@@ -35,6 +35,7 @@ from pretrain.random_streams import GOLDEN, mix
 # header and decompressed body, zero-padded to a multiple of RECORD_ALIGN bytes (``record``).
 Item = tuple[int, bytes]
 RECORD_ALIGN = 8
+_LOWEST_BIT = np.array([(b & -b).bit_length() - 1 for b in range(256)], dtype=np.int64)
 
 
 def record(head: bytes | memoryview, body: bytes) -> bytes:
@@ -118,11 +119,12 @@ def _fill(buf, starts, k_ask, k_full, zeroed, p, seed, gene_ids, gene_mask, expr
             row[:ng] = 0
             mask_at = b0 + 8 * nn + k * mb
             for q in range(mb):
-                byte = buf[mask_at + q]
-                for b in range(8):
-                    if byte >> b & 1 and at < n_values:
-                        row[8 * q + b] = as_count(values[at], floats, bits_u32, bits_f32)
-                        at += 1
+                byte = np.int64(buf[mask_at + q])
+                while byte and at < n_values:  # its set bits, lowest first
+                    row[8 * q + _LOWEST_BIT[byte]] = as_count(values[at], floats, bits_u32,
+                                                              bits_f32)
+                    at += 1
+                    byte &= byte - 1
             for j in range(m):
                 nbr_counts[i, k, j] = row[scratch[j]]
             for j in range(m, w):
