@@ -8,7 +8,9 @@ checkouts then pack that same plan (``pack.pack_all``, one process, a fresh outp
 what they packed with their own loader (``CellBatches``, one process, no DataLoader workers, the
 fixed 6-neighbour 3,200-gene batch of benchmarks/bench_loader.py). Every figure comes from a child
 process of its checkout; the two are measured alternately ``--repeats`` times and the medians and
-their ratios printed, so both see the same machine load.
+their ratios printed, so both see the same machine load. Then the zstd level: this checkout's
+sample bodies recompressed at each of ``--levels`` (tar bytes per sample, compression and
+decompression time per sample), the measurement ``shard_format.ZSTD_LEVEL`` was chosen by.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 # Run in a child with the checkout first on sys.path: pack the plan, then time the loader on it.
 CHILD = r"""
@@ -71,18 +74,57 @@ def measure(repo: Path, plan: Path, out: Path, manifest: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def levels(shards: Path, chosen: list[int]) -> None:
+    """Bytes and (de)compression time per sample of this checkout's bodies at each zstd level."""
+    import tarfile
+    import time
+
+    import zstandard
+
+    from data_prep.shard_format import HEADER, member_bytes
+
+    plain = zstandard.ZstdDecompressor()
+    bodies = []
+    for path in sorted(shards.glob("*.tar")):
+        with tarfile.open(path) as tar:
+            bodies += [plain.decompress(tar.extractfile(m).read()[HEADER.itemsize:]) for m in tar]
+    mean = np.mean([len(b) for b in bodies])
+    print(f"\nzstd level of the body ({len(bodies):,} bodies of {mean:,.0f} bytes on average; "
+          "best of 3 timings)")
+    print(f"{'level':>6s} {'tar bytes/sample':>17s} {'compress us':>12s} {'decompress us':>14s}")
+    for level in chosen:
+        z = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        timings = []
+        for _ in range(3):
+            t = time.perf_counter()
+            frames = [z.compress(b) for b in bodies]
+            t1 = time.perf_counter()
+            for f in frames:
+                plain.decompress(f)
+            timings.append((t1 - t, time.perf_counter() - t1))
+        sizes = member_bytes(np.array([HEADER.itemsize + len(f) for f in frames]))
+        comp, dec = (min(x) / len(bodies) * 1e6 for x in zip(*timings))
+        print(f"{level:6d} {sizes.mean():17,.0f} {comp:12.1f} {dec:14.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--previous", required=True, help="checkout of the previous format")
     ap.add_argument("--data", default=str(REPO / "data"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--levels-only", action="store_true", help="only the zstd levels, on the "
+                    "shards of an earlier run's --work")
     ap.add_argument("--work", help="build folder (default: a temporary one)")
+    ap.add_argument("--levels", type=int, nargs="*", default=[-7, -3, -1, 1, 3, 9])
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_shard_format_"))
     build = work / "build"
     if not (build / "manifest.json").exists():
         subprocess.run([sys.executable, "-m", "data_prep.build_shards", args.data, "--out",
                         str(build), "--quiet"], check=True, cwd=REPO)
+    if args.levels_only:
+        levels(work / "out-this" / "shards", args.levels)
+        return
     checkouts = {"previous": Path(args.previous).resolve(), "this": REPO}
     runs: dict[str, list[dict]] = {name: [] for name in checkouts}
     for _ in range(args.repeats):
@@ -102,6 +144,7 @@ def main() -> None:
     for k in keys:
         a, b = med["previous"][k], med["this"][k]
         print(f"{k:24s} {a:14,.0f} {b:14,.0f} {b / a:8.3f}")
+    levels(work / "out-this" / "shards", args.levels)
 
 
 if __name__ == "__main__":

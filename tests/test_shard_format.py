@@ -4,7 +4,10 @@ another version is caught, and stock tarfile + zstandard read a member without t
 
 from __future__ import annotations
 
+import ast
 import io
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -93,3 +96,20 @@ def test_stock_tools_read_a_member():
     body = zstandard.ZstdDecompressor().decompress(buf[F.HEADER.itemsize:])
     assert len(body) == head["body_bytes"]
     _equal(s, F.decode_record(head, body))
+
+
+def test_training_path_imports_only_the_format_module_of_data_prep(repo_root):
+    """The format module imports nothing else of the project, and the trainer and its loader
+    import nothing of data_prep but it: build code may change without touching training."""
+    code = ("import sys; import {}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('data_prep', 'pretrain',"
+            " 'kernels')))")
+    for module, expected in (
+        ("data_prep.shard_format", ["data_prep", "data_prep.shard_format"]),
+        ("pretrain.train, pretrain.data, pretrain.model", None),
+    ):
+        out = subprocess.run([sys.executable, "-c", code.format(module)], cwd=repo_root,
+                             capture_output=True, text=True, check=True).stdout
+        loaded = ast.literal_eval(out.strip().splitlines()[-1])
+        assert [m for m in loaded if expected or m.startswith("data_prep")] == (
+            expected or ["data_prep", "data_prep.shard_format"])
