@@ -266,7 +266,8 @@ def _clusters(path: Path, stats: dict) -> None:
     ds = stats["datasets"]
     cells = np.array([d["n_cells"] for d in ds], dtype=float)
     clusters = np.array([d["n_clusters"] for d in ds], dtype=float)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.5),
+                                        gridspec_kw={"width_ratios": [1, 1, 1.3], "wspace": 0.9})
     for ax, values, what in ((ax1, cells, "cells"), (ax2, clusters, "Leiden clusters")):
         top = max(float(values.max(initial=1)), 1.0)
         bins = np.unique(np.geomspace(1, top * 1.01 + 1, 40).round())
@@ -274,6 +275,7 @@ def _clusters(path: Path, stats: dict) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(f"{what} per dataset (log scale)")
         ax.set_ylabel("datasets")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if values.size:
             ax.set_title(f"{what}: median {np.median(values):,.0f}, max {values.max():,.0f}")
     picked = [i for i in _extremes(list(range(len(ds))), cells.tolist()) if i != ""]
@@ -281,12 +283,11 @@ def _clusters(path: Path, stats: dict) -> None:
     ax3.barh(y, [cells[i] for i in picked], color=TARGET)
     for yi, i in zip(y, picked):
         ax3.text(cells[i], yi, f"  {ds[i]['n_clusters']} clusters", va="center", fontsize=7)
-    ax3.set_yticks(y, [f"{_short(ds[i]['name'], 34)} ({_short(ds[i]['organism'], 12)})"
+    ax3.set_yticks(y, [f"{_short(ds[i]['name'], 30)} ({_short(ds[i]['organism'], 14)})"
                        for i in picked], fontsize=7)
     ax3.set_xscale("log")
     ax3.set_xlabel("cells (log scale)")
     ax3.set_title(f"{len(ds):,} datasets" + (f": the {EXTREMES} largest and smallest"
                                               if len(picked) < len(ds) else ""))
     fig.suptitle("Datasets: sizes and Leiden clusters")
-    fig.tight_layout()
     _save(fig, path)
