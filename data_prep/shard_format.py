@@ -4,11 +4,11 @@ A shard is a plain POSIX tar file read by stock ``tarfile`` and ``webdataset``: 
 member named ``<key>.cell`` where ``key`` is the sample's 10-digit position in the packed stream.
 A member is a fixed little-endian header (``HEADER``, uncompressed, so a reader can route and
 check a sample before decompressing it) followed by one zstd frame holding the sample's arrays
-in a compact encoding (``encode_body``): integer counts in the narrowest width that holds them,
+in a compact encoding (``encode_body``): integer counts as varints (each the bytes it needs),
 gene ids as varint deltas, neighbour counts as a bit mask of their non-zero genes plus those
 values. docs/shard-format.md is the human-readable version of this file.
 
-Everything the writer (data_prep.pack) and the reader (pretrain.data) share lives here and this
+Everything the writer (data_prep.pack) and the reader (pretrain's loader) share lives here; this
 module imports nothing else of the project: the format, its one size bound, encode/decode, the
 manifest and label vocabulary readers, and the tar index the loader reads local shards with.
 """
