@@ -154,31 +154,53 @@ def sample_key(position: int) -> str:
 # neighbours it wants never decodes the others.
 
 
-def float_counts(values: np.ndarray) -> bool:
-    """Whether ``values`` are not all non-negative integers below 2**32 (stored as floats)."""
-    if values.size == 0:
-        return False
-    return bool(values.min() < 0 or not np.isfinite(values.max()) or values.max() >= 2**32
-                or not np.array_equal(values, np.floor(values)))
+@numba.njit(cache=True, nogil=True, inline="always")
+def _put(out, n, v):
+    """Write the unsigned varint of ``v`` at ``out[n]``; return the next position."""
+    while v >= 0x80:
+        out[n] = np.uint8(v & np.uint64(0x7F)) | np.uint8(0x80)
+        v >>= np.uint64(7)
+        n += 1
+    out[n] = np.uint8(v)
+    return n + 1
 
 
 @numba.njit(cache=True, nogil=True)
-def _varints(values):
-    """Unsigned LEB128 of the uint64 ``values``."""
-    out = np.empty(values.shape[0] * 10, np.uint8)
+def _integral(values):
+    """Whether every value is a non-negative integer below 2**32 (else stored as float bits)."""
+    for x in values:
+        if not (0.0 <= x < 4294967296.0) or x != np.floor(x):
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _encode(counts, gene_ids, nbr):
+    """(mask bytes [K, ceil(G/8)], varint bytes, float flag) of a sample's arrays (layout above):
+    one pass per array, no temporaries."""
+    n_nbr, n_genes = nbr.shape
+    floats = not (_integral(counts) and _integral(nbr.ravel()))
+    counts_bits, nbr_bits = counts.view(np.uint32), nbr.view(np.uint32)
+    mask = np.zeros((n_nbr, (n_genes + 7) // 8), np.uint8)
+    out = np.empty(5 * (counts.shape[0] + n_genes * (1 + n_nbr)) + 1, np.uint8)
     n = 0
-    for zz in values:
-        while zz >= 0x80:
-            out[n] = np.uint8(zz & np.uint64(0x7F)) | np.uint8(0x80)
-            zz >>= np.uint64(7)
-            n += 1
-        out[n] = np.uint8(zz)
-        n += 1
-    return out[:n]
+    for j in range(counts.shape[0]):
+        n = _put(out, n, np.uint64(counts_bits[j]) if floats else np.uint64(counts[j]))
+    prev = np.int64(0)
+    for j in range(n_genes):
+        d = np.int64(gene_ids[j]) - prev
+        prev = np.int64(gene_ids[j])
+        n = _put(out, n, np.uint64((d << 1) ^ (d >> 63)))
+    for k in range(n_nbr):
+        for j in range(n_genes):
+            if nbr[k, j] != 0:
+                mask[k, j >> 3] |= np.uint8(1 << (j & 7))
+                n = _put(out, n, np.uint64(nbr_bits[k, j]) if floats else np.uint64(nbr[k, j]))
+    return mask, out[:n], floats
 
 
 def _unvarints(buf: np.ndarray, n: int) -> np.ndarray:
-    """Inverse of ``_varints`` for exactly ``n`` values filling ``buf``; ValueError otherwise."""
+    """The ``n`` unsigned varints that fill ``buf`` exactly (uint64); ValueError otherwise."""
     ends = np.flatnonzero(buf < 0x80)
     if ends.shape[0] != n or (n and ends[-1] != buf.shape[0] - 1) or (not n and buf.size):
         raise ValueError(f"body: {buf.shape[0]} bytes of varints do not hold {n} values")
@@ -191,25 +213,16 @@ def _unvarints(buf: np.ndarray, n: int) -> np.ndarray:
     return np.add.reduceat(part, starts) if n else np.zeros(0, np.uint64)
 
 
-def _as_stored(values: np.ndarray, floats: bool) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float32)
-    return values.view(np.uint32).astype(np.uint64) if floats else values.astype(np.uint64)
-
-
 def encode_body(s: CellSample) -> tuple[bytes, int]:
     """The uncompressed body of ``s`` and the flags that describe it (see the layout above)."""
-    nbr = np.asarray(s.nbr_counts, dtype=np.float32)
-    floats = float_counts(np.concatenate([np.asarray(s.counts, np.float32), nbr.ravel()]))
-    nonzero = nbr != 0
-    delta = np.diff(np.asarray(s.gene_ids, dtype=np.int64), prepend=0)
-    varints = np.concatenate([_as_stored(s.counts, floats),
-                              ((delta << 1) ^ (delta >> 63)).astype(np.uint64),
-                              _as_stored(nbr[nonzero], floats)])
+    mask, varints, floats = _encode(np.ascontiguousarray(s.counts, dtype=np.float32),
+                                    np.ascontiguousarray(s.gene_ids, dtype=np.uint32),
+                                    np.ascontiguousarray(s.nbr_counts, dtype=np.float32))
     parts = [
         np.ascontiguousarray(s.nbr_dist, dtype="<f4").tobytes(),
         np.ascontiguousarray(s.nbr_cells, dtype="<u4").tobytes(),
-        np.packbits(nonzero, axis=1, bitorder="little").tobytes(),
-        _varints(varints).tobytes(),
+        mask.tobytes(),
+        varints.tobytes(),
     ]
     return b"".join(parts), FLAG_FLOAT_COUNTS if floats else 0
 
