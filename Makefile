@@ -38,7 +38,7 @@ GPU_WHEELS ?= .whl
 GPU_WHEEL_PACKAGES := webdataset braceexpand anndata array-api-compat legacy-api-wrap natsort \
 	scverse-misc session-info2 zarr donfig google-crc32c numcodecs pynndescent igraph texttable \
 	leidenalg hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions \
-	packaging
+	packaging zstandard
 GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
 

@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "psutil==7.2.2",
     "tqdm==4.70.1",
+    "zstandard==0.25.0",
 ]
 
 setup(

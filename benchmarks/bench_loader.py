@@ -28,8 +28,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.shard_format import CONTEXT_GENES, HEADER, decode_sample, load_manifest  # noqa: E402
-from pretrain.data import HEADER_WORDS, CellBatches, DataConfig, ShardStream  # noqa: E402
+from data_prep.shard_format import (  # noqa: E402
+    CONTEXT_GENES,
+    HEADER,
+    decode_header,
+    decode_record,
+    load_manifest,
+)
+from pretrain.data import CellBatches, DataConfig  # noqa: E402
+from pretrain.shard_stream import ShardStream  # noqa: E402
 
 
 def ours(cfg: DataConfig, batches: int, repeats: int = 3) -> float:
@@ -112,11 +119,9 @@ def baselines(args: argparse.Namespace, fixed: DataConfig, manifest: dict) -> di
     """The AnnData loaders on the first cells of our stream (same cells and neighbours)."""
     n = args.batches * args.batch_size
     cells = []
-    for _, words, start in itertools.islice(ShardStream(fixed, 0, 1).samples(), n):
-        head = words[start : start + HEADER_WORDS].view(HEADER)[0]
-        n_genes, n_nbr = int(head["n_expr"] + head["n_pad"]), int(head["n_nbr"])
-        size = HEADER_WORDS + n_genes * (1 + n_nbr) + int(head["n_expr"]) + 2 * n_nbr
-        s = decode_sample(words[start : start + size].tobytes())
+    for _, rec in itertools.islice(ShardStream(fixed, 0, 1).samples(), n):
+        head = decode_header(rec)
+        s = decode_record(head, rec[HEADER.itemsize:HEADER.itemsize + int(head["body_bytes"])])
         path = Path(manifest["datasets"][s.dataset]["path"])
         path = path if path.is_file() else Path(args.data) / path.name
         cells.append((path, s.cell, s.nbr_cells.astype(np.int64)))

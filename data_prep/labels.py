@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import atomic
-from .shard_format import CLASSES, UNKNOWN
+from .shard_format import CLASSES, UNKNOWN, read_labels
 
 LABELS_FILE = "labels.json"
 LABEL_KINDS = (*CLASSES, "pseudo_label", "groups")
@@ -114,19 +114,9 @@ class LabelVocab:
 
     @classmethod
     def load(cls, directory: str | Path) -> LabelVocab:
-        path = Path(directory) / LABELS_FILE
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no label vocabulary") from None
+        doc = read_labels(Path(directory) / LABELS_FILE)
         vocab = cls()
-        try:
-            lists = {c: doc["classes"].get(c, []) for c in CLASSES}
-            lists.update(pseudo_label=doc.get("pseudo_label", []), groups=doc.get("groups", []))
-            for kind, values in lists.items():
-                vocab.add(kind, values)
-                if len(vocab._values[kind]) != len(values) or None in values:
-                    raise ValueError(f"duplicated or null {kind} labels")
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed label vocabulary ({e})") from None
+        for kind, values in (*doc["classes"].items(), ("pseudo_label", doc["pseudo_label"]),
+                             ("groups", doc["groups"])):
+            vocab.add(kind, values)
         return vocab

@@ -29,15 +29,16 @@ from data_prep.shard_format import (
     CLASSES,
     CONTEXT_GENES,
     FLAG_METACELL,
-    HEADER,
     MAX_NEIGHBOURS,
     SAMPLE_EXT,
     CellSample,
+    compressor,
     encode_sample,
+    member_bytes,
+    sample_bytes_bound,
     sample_key,
 )
 
-TAR_BLOCK = 512
 # Test hook: kill this process with SIGKILL after writing this many samples (resumability tests).
 FAULT_ENV = "SCPRETRAIN_FAULT_AFTER_SAMPLES"
 SHARD_KEYS = ("path", "n_samples", "bytes", "sha256")  # a shard's manifest entry
@@ -141,25 +142,6 @@ def draw_stream(
     if n_meta:
         metacell[rng.permutation(size)[:n_meta]] = True
     return cells, metacell
-
-
-def member_bytes(sample_bytes: np.ndarray) -> np.ndarray:
-    """Bytes a sample takes in a tar: one header block plus the data padded to whole blocks."""
-    return TAR_BLOCK + -(-sample_bytes // TAR_BLOCK) * TAR_BLOCK
-
-
-def sample_bytes_bound(
-    nnz: np.ndarray, nbr_nnz_sum: np.ndarray, n_nbr: np.ndarray, metacell: np.ndarray, context: int
-) -> np.ndarray:
-    """Upper bound of each sample's encoded size, known before packing (so shard boundaries are
-    fixed up front and every shard can be built, skipped or resumed independently). A meta-cell
-    holds at most the genes of all its members and no neighbours."""
-    nnz = nnz.astype(np.int64)
-    n_pad = np.minimum(np.maximum(0, context - nnz), nbr_nnz_sum)
-    n_genes = np.where(metacell, nnz + nbr_nnz_sum, nnz + n_pad)
-    n_expr = np.where(metacell, n_genes, nnz)
-    n_nbr = np.where(metacell, 0, n_nbr)
-    return HEADER.itemsize + 4 * (n_genes + n_expr + n_nbr * n_genes + 2 * n_nbr)
 
 
 def shard_bounds(member_size: np.ndarray, max_samples: int, max_bytes: int) -> np.ndarray:
@@ -515,6 +497,7 @@ class Packer:
         self.datasets = [PackDataset(**d) for d in meta["datasets"]]
         self.fault_after = int(os.environ.get(FAULT_ENV, "0"))
         self.written = 0
+        self.zstd = compressor()
 
     def n_shards(self, stream: str) -> int:
         return np.load(self.plan_dir / stream / "bounds.npy").shape[0] - 1
@@ -567,7 +550,7 @@ class Packer:
                         )
                         n_expr[j] = sample.n_expr
                         _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}",
-                                    encode_sample(sample))
+                                    encode_sample(sample, self.zstd))
                         self._count_for_fault()
             rec = {"path": shard_name(stream, index), "n_samples": end - start,
                    "bytes": out.n, "sha256": out.hash.hexdigest(),

@@ -1,9 +1,13 @@
 """``OUT/report/``: what the weighting did to the data, in plots and a short summary.
 
 Figures: expressed genes per profile (input cells vs the packed stream, share above the context
-size annotated), group frequencies and class frequencies before vs after weighting, and Leiden
-clusters per dataset. ``summary.txt`` has the cell accounting, headline shares and how each
-dataset's columns became genes.
+size annotated), group frequencies and class frequencies before vs after weighting, and the
+datasets' sizes and Leiden clusters. ``summary.txt`` has the cell accounting, headline shares and
+how each dataset's columns became genes.
+
+It reads at any number of datasets: every figure has a fixed size (at most MAX_PX pixels a side),
+and past ``EXTREMES`` datasets the per-dataset parts show distributions and the largest and
+smallest ``EXTREMES`` datasets instead of one row each (the manifest has them all).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from data_prep.shard_format import CLASSES  # noqa: E402
 
 BEFORE, AFTER, TARGET = "#7f7f7f", "#d62728", "#1f77b4"
 PNG_META = {"Software": None}  # no version string: same bytes across matplotlib patch releases
+DPI = 110
+MAX_PX = 4000  # no figure is larger than this on a side, whatever the build's size
+EXTREMES = 10  # datasets listed at each end when there are too many to list all
 
 
 def collect(loaded, datasets, group, target, pool, nnz, train, draws, labels, context: int,
@@ -112,13 +119,25 @@ def summary(manifest: dict, stats: dict) -> str:
         "",
         "per dataset (input = packed + held out + dropped)",
     ]
-    for name, a in manifest["accounting"]["datasets"].items():
+    accounting = manifest["accounting"]["datasets"]
+    lines += _distribution("input cells", [a["input"] for a in accounting.values()])
+    for name in _extremes(list(accounting), [a["input"] for a in accounting.values()]):
+        if name == "":
+            lines.append("  ...")
+            continue
+        a = accounting[name]
         drops = ", ".join(f"{k} {v:,}" for k, v in sorted(a["dropped"].items())) or "none"
         lines.append(f"  {name}: {a['input']:,} = {a['packed']:,} + {a['held_out']:,} + "
                      f"dropped ({drops})")
     lines += ["", "genes per dataset (columns -> genes: named by id, symbols mapped to ids, "
                   "symbols kept unmapped, merged into another column; columns left out)"]
-    for d in manifest["datasets"]:
+    datasets = manifest["datasets"]
+    lines += _distribution("genes", [d["n_genes"] for d in datasets])
+    for i in _extremes(list(range(len(datasets))), [d["n_genes"] for d in datasets]):
+        if i == "":
+            lines.append("  ...")
+            continue
+        d = datasets[i]
         g = d["genes"]
         left = ", ".join(f"{k.removeprefix('left_out_')} {v:,}" for k, v in sorted(g.items())
                          if k.startswith("left_out_") and v) or "none"
@@ -128,9 +147,31 @@ def summary(manifest: dict, stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _extremes(keys: list, sizes: list) -> list:
+    """All ``keys`` when there are at most 2 x EXTREMES, else the EXTREMES largest by ``sizes``,
+    "" (a gap) and the EXTREMES smallest."""
+    if len(keys) <= 2 * EXTREMES:
+        return keys
+    order = np.argsort(-np.asarray(sizes), kind="stable")
+    return [keys[i] for i in order[:EXTREMES]] + [""] + [keys[i] for i in order[-EXTREMES:]]
+
+
+def _distribution(what: str, values: list) -> list[str]:
+    """One line of quantiles when there are too many datasets to list all."""
+    if len(values) <= 2 * EXTREMES:
+        return []
+    q = np.quantile(np.asarray(values, dtype=float), [0, 0.1, 0.5, 0.9, 1])
+    return [f"  {len(values):,} datasets, {what}: min {q[0]:,.0f}, 10% {q[1]:,.0f}, median "
+            f"{q[2]:,.0f}, 90% {q[3]:,.0f}, max {q[4]:,.0f}; the {EXTREMES} largest and "
+            "smallest:"]
+
+
 def _save(fig, path: Path) -> None:
+    width, height = fig.get_size_inches() * DPI
+    if max(width, height) > MAX_PX:
+        raise ValueError(f"{path.name}: a {width:.0f} x {height:.0f} px figure (at most {MAX_PX})")
     with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata=PNG_META)
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", metadata=PNG_META)
     plt.close(fig)
 
 
@@ -220,15 +261,33 @@ def _short(text: str, n: int = 28) -> str:
 
 
 def _clusters(path: Path, stats: dict) -> None:
+    """Cells and Leiden clusters per dataset as distributions (a fixed-size figure at any number
+    of datasets), and the largest and smallest datasets by cells named."""
     ds = stats["datasets"]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(ds) + 1.5))
-    y = np.arange(len(ds))[::-1]
-    ax.barh(y, [d["n_clusters"] for d in ds], color=TARGET)
-    for yi, d in zip(y, ds):
-        ax.text(d["n_clusters"], yi, f"  {d['n_clusters']} clusters, {d['n_cells']:,} cells",
-                va="center", fontsize=8)
-    ax.set_yticks(y, [f"{_short(d['name'], 40)}\n({d['organism']})" for d in ds], fontsize=8)
-    ax.set_xlabel("Leiden clusters")
-    ax.set_xlim(0, max([d["n_clusters"] for d in ds] + [1]) * 1.6)
-    ax.set_title("Leiden clusters per dataset")
+    cells = np.array([d["n_cells"] for d in ds], dtype=float)
+    clusters = np.array([d["n_clusters"] for d in ds], dtype=float)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.5),
+                                        gridspec_kw={"width_ratios": [1, 1, 1.3], "wspace": 0.9})
+    for ax, values, what in ((ax1, cells, "cells"), (ax2, clusters, "Leiden clusters")):
+        top = max(float(values.max(initial=1)), 1.0)
+        bins = np.unique(np.geomspace(1, top * 1.01 + 1, 40).round())
+        ax.hist(np.maximum(values, 1), bins=bins, color=TARGET)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{what} per dataset (log scale)")
+        ax.set_ylabel("datasets")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if values.size:
+            ax.set_title(f"{what}: median {np.median(values):,.0f}, max {values.max():,.0f}")
+    picked = [i for i in _extremes(list(range(len(ds))), cells.tolist()) if i != ""]
+    y = np.arange(len(picked))[::-1]
+    ax3.barh(y, [cells[i] for i in picked], color=TARGET)
+    for yi, i in zip(y, picked):
+        ax3.text(cells[i], yi, f"  {ds[i]['n_clusters']} clusters", va="center", fontsize=7)
+    ax3.set_yticks(y, [f"{_short(ds[i]['name'], 30)} ({_short(ds[i]['organism'], 14)})"
+                       for i in picked], fontsize=7)
+    ax3.set_xscale("log")
+    ax3.set_xlabel("cells (log scale)")
+    ax3.set_title(f"{len(ds):,} datasets" + (f": the {EXTREMES} largest and smallest"
+                                              if len(picked) < len(ds) else ""))
+    fig.suptitle("Datasets: sizes and Leiden clusters")
     _save(fig, path)

@@ -9,7 +9,7 @@ that built the training data: data_prep.ingest.open_counts reads and validates t
 training data did (Ensembl ids, symbols mapped through the aliases the model file carries,
 spike-ins and non-gene features left out), data_prep.graph.neighbours
 (HVG -> PCA -> kNN over all the file's cells and genes) finds the neighbours,
-data_prep.pack.align_sample turns each cell into a ``CellSample`` and pretrain.data.BatchBuilder
+data_prep.pack.align_sample turns each cell into a ``CellSample`` and pretrain.batches.BatchBuilder
 makes the batch, with every corruption and random shape switched off (``inference_config``).
 Where it differs from training:
 
@@ -50,8 +50,9 @@ from data_prep.graph import row_totals
 from data_prep.ingest import DatasetError, IngestConfig, open_counts
 from data_prep.organisms import Organism
 from data_prep.pack import GeneOrder, align_sample
-from data_prep.shard_format import CLASSES, MAX_NEIGHBOURS, UNKNOWN, CellSample, encode_sample
-from pretrain.data import BatchBuilder, DataConfig
+from data_prep.shard_format import CLASSES, MAX_NEIGHBOURS, UNKNOWN, CellSample, encode_parts
+from pretrain.batches import BatchBuilder, record
+from pretrain.data import DataConfig
 from pretrain.export import ExportedModel, load_model_file
 
 EMBEDDING_KEY = "X_scpretrain"
@@ -138,11 +139,8 @@ class CellInput:
         build = BatchBuilder(cfg)
         for b, start in enumerate(range(0, self.n_cells, cfg.batch_size)):
             rows = np.arange(start, min(self.n_cells, start + cfg.batch_size))
-            encoded = [np.frombuffer(encode_sample(self.sample(int(r), cfg.context, cfg.seed)),
-                                     dtype=np.uint32) for r in rows]
-            offsets = np.cumsum([0] + [e.shape[0] for e in encoded[:-1]])
-            words = np.concatenate(encoded)
-            items = [(int(r), words, int(o)) for r, o in zip(rows, offsets)]
+            items = [(int(r), record(*encode_parts(self.sample(int(r), cfg.context, cfg.seed))))
+                     for r in rows]
             yield rows, build(items, np.random.default_rng([cfg.seed, b]))
 
     def _known_row(self, row: int) -> tuple[np.ndarray, np.ndarray]:

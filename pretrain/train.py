@@ -32,8 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from data_prep import atomic  # noqa: E402
-from data_prep.labels import LabelVocab  # noqa: E402
-from data_prep.shard_format import CLASSES, load_manifest  # noqa: E402
+from data_prep.shard_format import CLASSES, load_manifest, read_labels  # noqa: E402
 from pretrain.config import OptimConfig, RunConfig, TrainConfig, parse_train_config  # noqa: E402
 from pretrain.device_peaks import DevicePeak, device_peak  # noqa: E402
 from pretrain.distributed import gather_across_ranks, sum_across_ranks  # noqa: E402
@@ -219,7 +218,7 @@ def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -
     labels.json (e.g. ontology term ids); parents absent from the shards are skipped, since no
     cell can carry them.
     """
-    vocab = LabelVocab.load((Path(shards) / manifest["labels"]["file"]).parent)
+    names = read_labels(Path(shards) / manifest["labels"]["file"])["classes"]
     try:
         given = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -228,16 +227,16 @@ def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -
     for cls, parents in given.items():
         if cls not in CLASSES:
             raise ValueError(f"{path}: unknown class {cls!r}; classes are {sorted(CLASSES)}")
-        known = set(vocab.values(cls))
+        ids = {name: i for i, name in enumerate(names[cls])}
         resolved = {}
         for parent, leaves in parents.items():
-            if parent not in known:
+            if parent not in ids:
                 continue
-            try:
-                ids = vocab.lookup(cls, [parent, *leaves])
-            except KeyError as e:
-                raise ValueError(f"{path}: {e.args[0]} (a leaf of {parent!r})") from None
-            resolved[int(ids[0])] = ids[1:].tolist()
+            unknown = [leaf for leaf in leaves if leaf not in ids]
+            if unknown:
+                raise ValueError(f"{path}: {cls} label {unknown[0]!r} is not in the label "
+                                 f"vocabulary (a leaf of {parent!r})")
+            resolved[ids[parent]] = [ids[leaf] for leaf in leaves]
         if resolved:
             hierarchy[cls] = resolved
     return hierarchy

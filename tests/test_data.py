@@ -19,11 +19,14 @@ from data_prep.shard_format import (
     CLASSES,
     FLAG_METACELL,
     FORMAT_VERSION,
+    HEADER,
     CellSample,
+    FormatVersionError,
     encode_sample,
     sample_key,
 )
-from pretrain.data import CellBatches, CellLoader, DataConfig, ShardStream
+from pretrain.data import CellBatches, CellLoader, DataConfig
+from pretrain.shard_stream import ShardStream
 
 # Real files, cells taken from each, and their taxon.
 SOURCES = (
@@ -226,20 +229,20 @@ def test_epochs_are_read_in_order_and_the_stream_wraps(epoch_shards, world, capl
     for slot in range(world):
         stream = ShardStream(_cfg(epoch_shards), slot, world)
         sizes = [stream.epoch_size(t) for t in range(4)]
-        with caplog.at_level("WARNING", logger="pretrain.data"):
+        with caplog.at_level("WARNING", logger="pretrain.shard_stream"):
             caplog.clear()
             items = stream.samples()
-            first = [of[i >> 32] for i, _, _ in itertools.islice(items, sizes[0] + sizes[1])]
+            first = [of[i >> 32] for i, _ in itertools.islice(items, sizes[0] + sizes[1])]
             assert first == [0] * sizes[0] + [1] * sizes[1]
             assert stream.stats["passes"] == 0 and not caplog.records
-            again = [of[i >> 32] for i, _, _ in itertools.islice(items, sizes[2])]
+            again = [of[i >> 32] for i, _ in itertools.islice(items, sizes[2])]
         assert again == [0] * sizes[2] and stream.stats["passes"] == 1
         assert stream.stats["epoch"] == 0
         assert any("ran past the last packed epoch" in r.message for r in caplog.records)
     # each pass through an epoch reshuffles it
     stream = ShardStream(_cfg(epoch_shards), 0, 1)
     assert _ids(stream, sizes[0]) != list(
-        itertools.islice((i for i, _, _ in stream.samples(sizes[0] + sizes[1])), sizes[0]))
+        itertools.islice((i for i, _ in stream.samples(sizes[0] + sizes[1])), sizes[0]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -463,3 +466,19 @@ def test_bad_config_and_manifest_errors(tmp_path, shards):
         ShardStream(DataConfig(shards=str(tmp_path)), 0, 1)
     with pytest.raises(ValueError, match="rank 2"):
         CellLoader(_cfg(shards), rank=2, world_size=2)
+
+
+def test_damaged_body_is_skipped_and_an_old_version_stops_the_loader(samples, tmp_path):
+    out = write_shards(samples[:40], tmp_path / "one", 1)
+    path = out / "shards" / "shards-000000.tar"
+    raw = bytearray(path.read_bytes())
+    raw[512 + HEADER.itemsize + 20] ^= 0xFF  # inside the first member's zstd frame
+    path.write_bytes(bytes(raw))
+    stream = ShardStream(_cfg(out), 0, 1)
+    with pytest.warns(UserWarning, match="does not decompress"):
+        ids = _ids(stream, stream.epoch_size(0) - 1)
+    assert stream.stats["corrupt_samples"] == 1 and len(set(ids)) == len(ids)
+    raw[512 + 4:512 + 6] = (2).to_bytes(2, "little")  # the first member is of version 2
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatVersionError, match=r"shards-000000.tar: .*format version 2"):
+        _ids(ShardStream(_cfg(out), 0, 1), 1)

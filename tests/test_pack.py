@@ -73,7 +73,7 @@ def test_shard_bounds_respect_samples_and_bytes():
 
 
 def test_sample_bytes_bound_is_an_upper_bound():
-    from data_prep.shard_format import CellSample, encode_sample
+    from data_prep.shard_format import CellSample, encode_sample, sample_bytes_bound
 
     genes = _genes(np.arange(1, 101))
     rng = np.random.default_rng(0)
@@ -85,7 +85,7 @@ def test_sample_bytes_bound_is_an_upper_bound():
         k = nbr.shape[0]
         s = CellSample(gids, counts, nbr, np.ones(k, np.float32), np.zeros(k, np.uint32),
                        np.zeros(9, np.int32), 0, 0, 9606, 0, 30, 0, 30.0, 1.0)
-        bound = pack.sample_bytes_bound(np.array([30]), np.array([120]), np.array([3]),
+        bound = sample_bytes_bound(np.array([30]), np.array([120]), np.array([3]),
                                         np.array([metacell]), 50)
         assert len(encode_sample(s)) <= bound[0]
 
