@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import atomic
+from data_prep.labels import map_labels
 from data_prep.shard_format import (
-    CLASSES,
     CONTEXT_GENES,
     FLAG_METACELL,
     MAX_NEIGHBOURS,
@@ -365,7 +365,7 @@ class _ShardRows:
             nbr_counts=nbr_counts,
             nbr_dist=self.dist[i][keep].astype(np.float32),
             nbr_cells=self.nbr_cell[i][keep].astype(np.uint32),
-            labels=self.label_map[np.arange(len(CLASSES)), codes + 1].astype(np.int32),
+            labels=map_labels(self.label_map, codes),
             dataset=self.ds.id,
             cell=int(self.cell[i]),
             organism=self.ds.taxon,

@@ -45,7 +45,7 @@ def record(head: bytes | memoryview, body: bytes) -> bytes:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _fill(buf, starts, k_ask, k_full, zeroed, p, seed, gene_ids, gene_mask, expressed, counts,
+def _fill_batch(buf, starts, k_ask, k_full, zeroed, p, seed, gene_ids, gene_mask, expressed, counts,
           inputs, nbr_counts, nbr_dist, nbr_mask):
     """Every output row of the batch whose records lie at ``starts`` in ``buf``.
 
@@ -172,7 +172,7 @@ class BatchBuilder:
         nbr_counts = np.empty((B, MAX_NEIGHBOURS, L), dtype=np.float32)
         nbr_dist = np.empty((B, MAX_NEIGHBOURS), dtype=np.float32)
         nbr_mask = np.empty((B, MAX_NEIGHBOURS), dtype=bool)
-        _fill(buf, starts, k, cfg.max_neighbours, zeroed, p, seed, gene_ids, gene_mask,
+        _fill_batch(buf, starts, k, cfg.max_neighbours, zeroed, p, seed, gene_ids, gene_mask,
               expressed, counts, inputs, nbr_counts, nbr_dist, nbr_mask)
         batch = {
             "gene_ids": gene_ids,
