@@ -121,10 +121,11 @@ def training_sheet(ctrl: Path, extra_sheet: str, out: Path) -> Path:
     return sheet
 
 
-def build_shards(sheet: Path, out: Path, context: int) -> Path:
+def build_shards(sheet: Path, out: Path, context: int, extra: str) -> Path:
     shards = out / "shards"
     cmd = [sys.executable, "-m", "data_prep.build_shards", "--sheet", str(sheet), "--out",
-           str(shards), "--jobs", "2", "--quiet", "--context-genes", str(context)]
+           str(shards), "--jobs", "2", "--quiet", "--context-genes", str(context),
+           *shlex.split(extra)]
     subprocess.run(cmd, cwd=REPO, env=_env(), check=True)
     return shards
 
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--build-args", default="", help="more data_prep.build_shards options, quoted "
+                   "(e.g. \"--metacell-fraction 0\" for a short run on single cells)")
     p.add_argument("--trainer-args", default="", help="more pretrain/train.py options, quoted")
     p.add_argument("--train-sheet", default="", help="a dataset sheet of more training data "
                    "(its row for the PBMC file, if any, is left out)")
@@ -294,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     from pretrain.export import export, load_model_file
 
     ctrl, stim = split_pbmc(out)
-    shards = build_shards(training_sheet(ctrl, args.train_sheet, out), out, args.context)
+    shards = build_shards(training_sheet(ctrl, args.train_sheet, out), out, args.context,
+                          args.build_args)
     run = out / "run"
     seconds = train(args, shards, run)
     trained_file = export(run, out / "model.pt")
