@@ -407,7 +407,7 @@ def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
     with atomic.atomic_path(picture) as tmp:
         fig.savefig(tmp, format=picture.suffix.lstrip("."))
     plt.close(fig)
-    command = " ".join(["python benchmarks/bench_quality.py", *sys.argv[1:]])
+    command = shlex.join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]])
     text = (f"# Held-out quality against baselines\n\n"
             f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} "
             f"cores, no GPU: `{args.model}` trained {args.steps} steps on {args.ranks} CPU "
