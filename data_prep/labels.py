@@ -84,12 +84,6 @@ class LabelVocab:
             table[j, 1:1 + ids.shape[0]] = ids
         return table
 
-    def add_dataset(
-        self, label_codes: np.ndarray, label_values: dict[str, list[str]]
-    ) -> np.ndarray:
-        """Global class ids int32 [n, 9] for a dataset's per-dataset codes (``IngestedDataset``)."""
-        return map_labels(self.label_map(label_values), label_codes)
-
     def n_labels(self) -> dict[str, int]:
         return {c: len(self._values[c]) for c in CLASSES}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_prep.genes import SymbolMap
-from data_prep.labels import LabelVocab
+from data_prep.labels import LabelVocab, map_labels
 from data_prep.shard_format import CLASSES
 from data_prep.vocab import GeneVocab, VocabConfig, VocabFullError
 
@@ -126,7 +126,7 @@ def test_label_vocab_stability(tmp_path):
     codes = np.array([[0, -1, -1, -1, -1, -1, 1, -1, 0], [1, -1, -1, -1, -1, -1, -1, -1, 0]])
     values = {c: [] for c in CLASSES}
     values.update(cell_type=["NK", "T"], sex=["female", "male"], organism=["NCBITaxon:9606"])
-    mapped = again.add_dataset(codes, values)
+    mapped = map_labels(again.label_map(values), codes)  # what the build runs
     assert mapped.dtype == np.int32
     assert mapped[:, 0].tolist() == [2, 0]  # NK appended, T keeps id 0
     assert mapped[:, 6].tolist() == [1, -1] and mapped[:, 8].tolist() == [0, 0]
