@@ -37,7 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["data_prep*", "kernels*", "pretrain*"]),
+    packages=find_packages(include=["data_prep*", "kernels*", "pretrain*", "utils*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "gpu": ["flash-attn>=2.6"],

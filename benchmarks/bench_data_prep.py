@@ -392,7 +392,7 @@ def main(argv=None) -> None:
     text = report(results)
     print(text)
     if args.json:
-        from data_prep import atomic
+        from utils import atomic
 
         atomic.write_text(args.json, json.dumps(results, indent=1))
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import atomic
+from utils import atomic
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data_prep import atomic  # noqa: E402
+from utils import atomic  # noqa: E402
 
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
 LABEL = "cell_type"
@@ -147,20 +147,16 @@ def train(args, shards: Path, run: Path) -> float:
 
 def save_random_init(trained: Path, out: Path) -> Path:
     """The trained file's model at initialisation (same config, vocabularies and seed 0)."""
-    from data_prep.labels import LabelVocab
     from pretrain.export import load_model_file, write_model_file
     from pretrain.model import ScPrintModel
 
     exported = load_model_file(trained)
-    labels = LabelVocab()
-    for cls, names in exported.labels.items():
-        labels.add(cls, names)
     torch.manual_seed(0)
     model = ScPrintModel(exported.config, exported.vocab.n_ids,
                          {c: len(v) for c, v in exported.labels.items()})
-    return write_model_file(out, model.state_dict(), exported.config, exported.vocab, labels,
-                            exported.train_context, graph_config=exported.graph_config,
-                            tag="random-init")
+    return write_model_file(out, model.state_dict(), exported.config, exported.vocab,
+                            exported.labels, exported.train_context,
+                            graph_config=exported.graph_config, tag="random-init")
 
 
 # ----------------------------------------------------------------------------------------------

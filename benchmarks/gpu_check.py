@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from data_prep import atomic  # noqa: E402
+from utils import atomic  # noqa: E402
 
 FP32_TOL = 1e-5  # max |error| / max |float64 value| (as tests/test_criss_cross.py)
 HALF_TOL = 2e-2

@@ -35,7 +35,6 @@ from pathlib import Path
 import h5py
 from tqdm import tqdm
 
-from data_prep import atomic
 from data_prep.assemble import DatasetRecord, assemble
 from data_prep.config import BuildConfig, add_config_flags, config_from_args
 from data_prep.genes import FileGenes, SymbolMap, read_gene_table
@@ -44,6 +43,7 @@ from data_prep.ingest import DatasetError, ingest_dataset, scan_genes
 from data_prep.pack import check_pack_config, held_out_cells
 from data_prep.sheet import DatasetSpec, SheetError, discover_inputs
 from data_prep.vocab import GeneVocab
+from utils import atomic
 
 log = logging.getLogger("data_prep")
 PART_FILE = "part.json"
@@ -124,7 +124,7 @@ def symbol_map(specs: list[DatasetSpec], work: Path, cfg: BuildConfig, jobs: int
     scans = [None if d is None else FileGenes.from_json(d)
              for d in _map(scan_dataset, [(s, genes_dir, cfg) for s in specs], jobs,
                            progress(len(specs), "gene names"))]
-    previous = GeneVocab.load(cfg.vocab).symbol_map() if cfg.vocab else None
+    previous = SymbolMap(GeneVocab.load(cfg.vocab).aliases()) if cfg.vocab else None
     symbols = SymbolMap.build([g for g in scans if g is not None], tables, previous)
     symbols.save(genes_dir / SYMBOLS_FILE)
     return symbols, scans

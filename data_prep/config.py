@@ -1,7 +1,7 @@
 """The build configuration: one typed dataclass composed of each stage's settings.
 
 Every constant of the pipeline is a field here and a ``build_shards`` flag, generated from the
-fields and their comments (``data_prep.flags``), so the two cannot drift apart.
+fields and their comments (``utils.flags``), so the two cannot drift apart.
 ``BuildConfig.to_dict()`` is what the manifest records; settings that only change how the
 work is scheduled (``--jobs``, the split over machines) are not in it, so a split build and a
 single run produce the same manifest.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, field
 
-from data_prep import flags
 from data_prep.genes import parse_gene_table_flags
 from data_prep.graph import GraphConfig
 from data_prep.ingest import IngestConfig
@@ -29,6 +28,7 @@ from data_prep.weights import (
     POOL_CELL_TYPES,
     curriculum_gamma,
 )
+from utils import flags
 
 
 @dataclass
@@ -81,7 +81,7 @@ class BuildConfig:
         )
 
 
-# How the build's settings are spelled on the command line (data_prep.flags): every setting
+# How the build's settings are spelled on the command line (utils.flags): every setting
 # is ``--section.field-name``; the sections below also take the short ``--field-name`` (the
 # vocabulary sizing ``--vocab-<field>``), and two fields keep their own short names.
 SECTIONS = [

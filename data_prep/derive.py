@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from data_prep import atomic
 from data_prep.graph import GraphConfig, exact_knn, highly_variable_genes, log_normalise, pca
+from utils import atomic
 
 
 def _raw_counts(adata, path) -> sp.csr_matrix:

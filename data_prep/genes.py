@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import atomic
-from data_prep.organisms import Organism, gene_id_pattern, resolve_organism
+from data_prep.organisms import gene_id_pattern, resolve_organism
+from data_prep.shard_format import Organism
+from utils import atomic
 
 SPIKE_IN = re.compile(r"^ERCC-\d{5}$")
 # var columns that may hold a symbol for each id (CELLxGENE, Cell Ranger, scanpy, Seurat habits)

@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from data_prep import atomic
 from data_prep.shard_format import MAX_NEIGHBOURS
+from utils import atomic
 
 GRAPH_VERSION = 1
 FILES = ("nbr_idx.npy", "nbr_dist.npy", "leiden.npy", "pseudo_label.json", "meta.json")

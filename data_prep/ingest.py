@@ -50,10 +50,11 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem, sparse_dataset
 
-from . import atomic
+from utils import atomic
+
 from .genes import FileGenes, GenePlan, SymbolMap, describe_var, plan_genes
-from .organisms import Organism, resolve_organism
-from .shard_format import CLASSES, UNKNOWN
+from .organisms import resolve_organism
+from .shard_format import CLASSES, UNKNOWN, Organism
 from .sheet import NO_LABEL, DatasetSpec
 
 ARTIFACT_VERSION = 2

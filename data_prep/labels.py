@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import atomic
+from utils import atomic
+
 from .shard_format import CLASSES, UNKNOWN, read_labels
 
 LABELS_FILE = "labels.json"
@@ -84,6 +85,10 @@ class LabelVocab:
             table[j, 1:1 + ids.shape[0]] = ids
         return table
 
+    def class_names(self) -> dict[str, list[str]]:
+        """Class -> its label names in id order (what ``labels.json`` and a model file hold)."""
+        return {c: list(self._values[c]) for c in CLASSES}
+
     def n_labels(self) -> dict[str, int]:
         return {c: len(self._values[c]) for c in CLASSES}
 
@@ -99,7 +104,7 @@ class LabelVocab:
 
     def save(self, directory: str | Path) -> None:
         doc = {
-            "classes": {c: self._values[c] for c in CLASSES},
+            "classes": self.class_names(),
             "pseudo_label": self._values["pseudo_label"],
             "groups": [list(g) for g in self._values["groups"]],
         }

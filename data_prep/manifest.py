@@ -8,10 +8,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from data_prep import atomic
 from data_prep.config import BuildConfig
 from data_prep.pack import SHARD_KEYS
 from data_prep.shard_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from utils import atomic
 
 
 def build(*, cfg: BuildConfig, records, loaded, vocab: dict, labels: dict, train: list[dict],

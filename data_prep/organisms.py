@@ -11,20 +11,8 @@ Arabidopsis, B73 gene models for maize; any Ensembl gene id for taxa outside the
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Organism:
-    taxon: int
-    curie: str  # "NCBITaxon:<taxon>"
-    name: str  # common name, or the curie for taxa outside the built-in table
-
-    @classmethod
-    def from_taxon(cls, taxon: int) -> Organism:
-        known = _BY_TAXON.get(int(taxon))
-        curie = f"NCBITaxon:{int(taxon)}"
-        return known if known is not None else cls(int(taxon), curie, curie)
+from data_prep.shard_format import Organism
 
 
 def _ensembl(prefix: str) -> str:
@@ -79,6 +67,12 @@ def gene_id_pattern(organism: Organism) -> re.Pattern:
     return _GENE_IDS.get(organism.taxon, _ANY_ENSEMBL)
 
 
+def _from_taxon(taxon: int) -> Organism:
+    """The table's organism of ``taxon``, or one named by its curie."""
+    curie = f"NCBITaxon:{taxon}"
+    return _BY_TAXON.get(taxon) or Organism(taxon, curie, curie)
+
+
 def resolve_organism(value: str | int | Organism) -> Organism:
     """Map a common name, scientific name, ``NCBITaxon:N`` curie or bare taxon number to a taxon.
 
@@ -89,13 +83,13 @@ def resolve_organism(value: str | int | Organism) -> Organism:
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
             raise ValueError(f"invalid NCBI taxon id {value}")
-        return Organism.from_taxon(value)
+        return _from_taxon(value)
     key = " ".join(str(value).strip().lower().replace("_", " ").split())
     if key in _BY_ALIAS:
         return _BY_ALIAS[key]
     match = _CURIE.match(str(value).strip().lower())
     if match and int(match.group(1)) > 0:
-        return Organism.from_taxon(int(match.group(1)))
+        return _from_taxon(int(match.group(1)))
     names = ", ".join(o.name for o in known_organisms())
     raise ValueError(
         f"unknown organism {str(value)!r}: use an NCBITaxon id such as 'NCBITaxon:9606' "

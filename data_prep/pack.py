@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import atomic
 from data_prep.labels import map_labels
 from data_prep.shard_format import (
     CONTEXT_GENES,
@@ -38,6 +37,7 @@ from data_prep.shard_format import (
     sample_bytes_bound,
     sample_key,
 )
+from utils import atomic
 
 # Test hook: kill this process with SIGKILL after writing this many samples (resumability tests).
 FAULT_ENV = "SCPRETRAIN_FAULT_AFTER_SAMPLES"

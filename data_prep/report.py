@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
-from data_prep import atomic  # noqa: E402
 from data_prep.pack import N_EXPR_EDGES  # noqa: E402
 from data_prep.shard_format import CLASSES  # noqa: E402
+from utils import atomic  # noqa: E402
 
 BEFORE, AFTER, TARGET = "#7f7f7f", "#d62728", "#1f77b4"
 PNG_META = {"Software": None}  # no version string: same bytes across matplotlib patch releases

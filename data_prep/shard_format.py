@@ -8,16 +8,18 @@ in a compact encoding (``encode_body``): integer counts as varints (each the byt
 gene ids as varint deltas, neighbour counts as a bit mask of their non-zero genes plus those
 values. docs/shard-format.md is the human-readable version of this file.
 
-Everything the writer (data_prep.pack) and the reader (pretrain's loader) share lives here; this
-module imports nothing else of the project: the format, its one size bound, encode/decode, the
-manifest and label vocabulary readers, and the tar index the loader reads local shards with.
+Everything the writer (data_prep.pack) and the readers (pretrain's loader, trainer and export)
+share lives here; this module imports nothing else of the project: the format, its one size
+bound, encode/decode, the manifest and the gene and label vocabulary readers, and the tar index
+the loader reads local shards with. Of data_prep, training imports this module only (a test
+holds it to that), so the build may change without touching training.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numba
@@ -564,6 +566,119 @@ def load_manifest(out_dir: str | Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     return check_manifest(manifest, str(path))
+
+
+# The gene vocabulary (``vocab/``): ``ranges.json`` (each organism's id range), ``genes.tsv``
+# (id, organism, gene) and ``aliases.tsv`` (organism, alias, gene). data_prep.vocab builds and
+# writes it; what a reader needs is here.
+GENES_FILE = "genes.tsv"
+GENES_HEADER = "id\torganism\tgene"
+ALIASES_FILE = "aliases.tsv"
+ALIASES_HEADER = "organism\talias\tgene"
+RANGES_FILE = "ranges.json"
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class Organism:
+    """An NCBI taxon as the vocabulary and the headers name it (data_prep.organisms resolves
+    names such as "mouse" to one)."""
+
+    taxon: int
+    curie: str  # "NCBITaxon:<taxon>"
+    name: str  # common name, or the curie for taxa outside the built-in table
+
+
+@dataclass
+class OrganismRange:
+    """One organism's block of gene ids ``[start, start + size)``: its genes in id order, their
+    ids and the symbols (aliases) that name them."""
+
+    organism: Organism
+    start: int
+    size: int
+    genes: list[str] = field(default_factory=list)  # id = start + position
+    index: dict[str, int] = field(default_factory=dict, repr=False)  # gene -> id
+    aliases: dict[str, str] = field(default_factory=dict, repr=False)  # symbol -> gene
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+class GeneRanges:
+    """The gene vocabulary as a reader uses it: organism curie -> ``OrganismRange``, in id order.
+    ``data_prep.vocab.GeneVocab`` extends it with adding genes and saving."""
+
+    def __init__(self, ranges: dict[str, OrganismRange] | None = None):
+        self.ranges: dict[str, OrganismRange] = ranges if ranges is not None else {}
+
+    @property
+    def n_ids(self) -> int:
+        """Ids in use including padding: the embedding table size."""
+        return max((r.end for r in self.ranges.values()), default=PAD_ID + 1)
+
+    def gene_of(self, gene_id: int) -> tuple[str, str]:
+        """(organism curie, gene) of a global id."""
+        for curie, r in self.ranges.items():
+            if r.start <= gene_id < r.start + len(r.genes):
+                return curie, r.genes[gene_id - r.start]
+        raise KeyError(f"gene id {gene_id} is not assigned")
+
+    def aliases(self) -> dict[str, dict[str, str]]:
+        """{organism curie: {symbol: gene}}: how a file named by symbols finds the genes."""
+        return {curie: dict(r.aliases) for curie, r in self.ranges.items()}
+
+
+def read_gene_vocab(directory: str | Path) -> tuple[dict[str, OrganismRange], dict]:
+    """A saved gene vocabulary: its ranges (organism curie -> ``OrganismRange``, in id order)
+    and the sizing settings it was built with (``ranges.json``'s ``config``)."""
+    d = Path(directory)
+    try:
+        saved = json.loads((d / RANGES_FILE).read_text())
+        rows = (d / GENES_FILE).read_text().splitlines()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{d}: not a gene vocabulary ({e.filename} missing)") from None
+    ranges: dict[str, OrganismRange] = {}
+    for curie, o in sorted(saved["organisms"].items(), key=lambda kv: kv[1]["start"]):
+        organism = Organism(int(o["taxon"]), curie, o["name"])
+        ranges[curie] = OrganismRange(organism, int(o["start"]), int(o["size"]))
+    if not rows or rows[0] != GENES_HEADER:
+        raise ValueError(f"{d / GENES_FILE}: missing header 'id<TAB>organism<TAB>gene'")
+    for n, line in enumerate(rows[1:], start=2):
+        try:
+            gid, curie, gene = line.split("\t")
+            r = ranges[curie]
+        except (ValueError, KeyError):
+            raise ValueError(f"{d / GENES_FILE}, line {n}: malformed row {line!r}") from None
+        if int(gid) != r.start + len(r.genes):
+            raise ValueError(f"{d / GENES_FILE}, line {n}: id {gid} out of sequence")
+        r.index[gene] = int(gid)
+        r.genes.append(gene)
+    for curie, r in ranges.items():
+        if len(r.genes) != saved["organisms"][curie]["n_genes"] or len(r.genes) > r.size:
+            raise ValueError(f"{d}: genes.tsv and ranges.json disagree for {curie}")
+    _read_aliases(d / ALIASES_FILE, ranges)
+    return ranges, saved.get("config", {})
+
+
+def _read_aliases(path: Path, ranges: dict[str, OrganismRange]) -> None:
+    """Read ``aliases.tsv`` into ``ranges`` (absent in vocabularies written before aliases
+    existed)."""
+    if not path.is_file():
+        return
+    rows = path.read_text(encoding="utf-8").splitlines()
+    if not rows or rows[0] != ALIASES_HEADER:
+        raise ValueError(f"{path}: missing header 'organism<TAB>alias<TAB>gene'")
+    for n, line in enumerate(rows[1:], start=2):
+        try:
+            curie, alias, gene = line.split("\t")
+            r = ranges[curie]
+        except (ValueError, KeyError):
+            raise ValueError(f"{path}, line {n}: malformed row {line!r}") from None
+        if gene not in r.index:
+            raise ValueError(f"{path}, line {n}: {gene!r} is not a gene of {curie}")
+        r.aliases[alias] = gene
 
 
 def read_labels(path: str | Path) -> dict:

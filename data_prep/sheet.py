@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .organisms import Organism, resolve_organism
-from .shard_format import CLASSES
+from .organisms import resolve_organism
+from .shard_format import CLASSES, Organism
 
 NO_LABEL = "-"  # sheet value: this dataset has no such label
 LABEL_CLASSES = tuple(c for c in CLASSES if c != "organism")

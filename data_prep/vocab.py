@@ -13,7 +13,8 @@ known for). Each organism also keeps its aliases, the symbols that name its gene
 named by symbols (a new dataset to embed, a later build) finds the same ids.
 
 On disk (``vocab/``): ``genes.tsv`` (``id``, ``organism``, ``gene``), ``aliases.tsv``
-(``organism``, ``alias``, ``gene``) and ``ranges.json``.
+(``organism``, ``alias``, ``gene``) and ``ranges.json``; written here, read by
+``shard_format.read_gene_vocab``.
 """
 
 from __future__ import annotations
@@ -21,38 +22,29 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import atomic
-from .genes import SymbolMap
-from .organisms import Organism, resolve_organism
-
-GENES_FILE = "genes.tsv"
-ALIASES_FILE = "aliases.tsv"
-ALIASES_HEADER = "organism\talias\tgene"
-RANGES_FILE = "ranges.json"
-PAD_ID = 0
+from data_prep.genes import SymbolMap
+from data_prep.organisms import resolve_organism
+from data_prep.shard_format import (
+    ALIASES_FILE,
+    ALIASES_HEADER,
+    GENES_FILE,
+    GENES_HEADER,
+    RANGES_FILE,
+    GeneRanges,
+    Organism,
+    OrganismRange,
+    read_gene_vocab,
+)
+from utils import atomic
 
 
 class VocabFullError(ValueError):
     """An organism's id range has no headroom left for new genes."""
-
-
-@dataclass
-class OrganismRange:
-    organism: Organism
-    start: int
-    size: int
-    genes: list[str] = field(default_factory=list)  # id = start + position
-    index: dict[str, int] = field(default_factory=dict, repr=False)  # gene -> id
-    aliases: dict[str, str] = field(default_factory=dict, repr=False)  # symbol -> gene
-
-    @property
-    def end(self) -> int:
-        return self.start + self.size
 
 
 @dataclass(frozen=True)
@@ -62,12 +54,15 @@ class VocabConfig:
     block: int = 1024  # organism ranges are multiples of this size
 
 
-class GeneVocab:
-    """Organism-namespaced gene ids. ``n_ids`` is the embedding table size (end of last range)."""
+class GeneVocab(GeneRanges):
+    """Organism-namespaced gene ids, built and saved here. The queries a reader needs (``ranges``,
+    ``n_ids``, ``gene_of``, ``aliases``) and the reading of a saved one (``read_gene_vocab``) are
+    ``shard_format``'s, the one module of data_prep that training and export import."""
 
-    def __init__(self, cfg: VocabConfig | None = None):
+    def __init__(self, cfg: VocabConfig | None = None,
+                 ranges: dict[str, OrganismRange] | None = None):
+        super().__init__(ranges)
         self.cfg = cfg or VocabConfig()
-        self.ranges: dict[str, OrganismRange] = {}  # curie -> range, in id order
 
     # -- building
     def add_datasets(self, datasets: Iterable[tuple[Organism | str | int, Sequence[str]]]) -> None:
@@ -111,10 +106,6 @@ class GeneVocab:
                 if gene in r.index and sym not in r.aliases:
                     r.aliases[sym] = gene
 
-    def symbol_map(self) -> SymbolMap:
-        """The aliases as a ``SymbolMap``, to name a new file's genes as the vocabulary does."""
-        return SymbolMap({curie: r.aliases for curie, r in self.ranges.items()})
-
     def _size_for(self, n: int) -> int:
         c = self.cfg
         extra = max(c.min_headroom, math.ceil(c.headroom * n))
@@ -131,11 +122,6 @@ class GeneVocab:
         r.size = self._size_for(needed)
 
     # -- queries
-    @property
-    def n_ids(self) -> int:
-        """Ids in use including padding: the embedding table size."""
-        return max((r.end for r in self.ranges.values()), default=PAD_ID + 1)
-
     def lookup(self, organism: Organism | str | int, genes: Sequence[str]) -> np.ndarray:
         """Global ids (uint32) of an organism's genes; KeyError naming any missing gene."""
         organism = resolve_organism(organism)
@@ -147,13 +133,6 @@ class GeneVocab:
         except KeyError as e:
             missing = e.args[0]
             raise KeyError(f"gene {missing!r} of {organism.curie} not in the vocabulary") from None
-
-    def gene_of(self, gene_id: int) -> tuple[str, str]:
-        """(organism curie, gene) of a global id."""
-        for curie, r in self.ranges.items():
-            if r.start <= gene_id < r.start + len(r.genes):
-                return curie, r.genes[gene_id - r.start]
-        raise KeyError(f"gene id {gene_id} is not assigned")
 
     def to_manifest(self, folder: str = "vocab") -> dict:
         """The manifest's ``vocab`` entry (``folder`` relative to the output folder)."""
@@ -173,7 +152,7 @@ class GeneVocab:
         """Write ``genes.tsv``, ``aliases.tsv`` and ``ranges.json``, each atomically."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        lines = ["id\torganism\tgene"]
+        lines = [GENES_HEADER]
         for curie, r in self.ranges.items():
             lines.extend(f"{r.start + i}\t{curie}\t{g}" for i, g in enumerate(r.genes))
         atomic.write_text(d / GENES_FILE, "\n".join(lines) + "\n")
@@ -188,50 +167,8 @@ class GeneVocab:
     @classmethod
     def load(cls, directory: str | Path, cfg: VocabConfig | None = None) -> GeneVocab:
         """Read a saved vocabulary; ``cfg`` (default: the saved one) sizes organisms added later."""
-        d = Path(directory)
-        try:
-            ranges = json.loads((d / RANGES_FILE).read_text())
-            rows = (d / GENES_FILE).read_text().splitlines()
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{d}: not a gene vocabulary ({e.filename} missing)") from None
-        vocab = cls(cfg or VocabConfig(**ranges.get("config", {})))
-        for curie, o in sorted(ranges["organisms"].items(), key=lambda kv: kv[1]["start"]):
-            organism = Organism(int(o["taxon"]), curie, o["name"])
-            vocab.ranges[curie] = OrganismRange(organism, int(o["start"]), int(o["size"]))
-        if not rows or rows[0] != "id\torganism\tgene":
-            raise ValueError(f"{d / GENES_FILE}: missing header 'id<TAB>organism<TAB>gene'")
-        for n, line in enumerate(rows[1:], start=2):
-            try:
-                gid, curie, gene = line.split("\t")
-                r = vocab.ranges[curie]
-            except (ValueError, KeyError):
-                raise ValueError(f"{d / GENES_FILE}, line {n}: malformed row {line!r}") from None
-            if int(gid) != r.start + len(r.genes):
-                raise ValueError(f"{d / GENES_FILE}, line {n}: id {gid} out of sequence")
-            r.index[gene] = int(gid)
-            r.genes.append(gene)
-        for curie, r in vocab.ranges.items():
-            if len(r.genes) != ranges["organisms"][curie]["n_genes"] or len(r.genes) > r.size:
-                raise ValueError(f"{d}: genes.tsv and ranges.json disagree for {curie}")
-        vocab._load_aliases(d / ALIASES_FILE)
-        return vocab
-
-    def _load_aliases(self, path: Path) -> None:
-        """Read ``aliases.tsv`` (absent in vocabularies written before aliases existed)."""
-        if not path.is_file():
-            return
-        rows = path.read_text(encoding="utf-8").splitlines()
-        if not rows or rows[0] != ALIASES_HEADER:
-            raise ValueError(f"{path}: missing header 'organism<TAB>alias<TAB>gene'")
-        for n, line in enumerate(rows[1:], start=2):
-            try:
-                curie, alias, gene = line.split("\t")
-                r = self.ranges[curie]
-            except (ValueError, KeyError):
-                raise ValueError(f"{path}, line {n}: malformed row {line!r}") from None
-            if gene not in r.index:
-                raise ValueError(f"{path}, line {n}: {gene!r} is not a gene of {curie}")
-            r.aliases[alias] = gene
+        ranges, sizing = read_gene_vocab(directory)
+        return cls(cfg or VocabConfig(**sizing), ranges)
 
 
 def _check_gene(gene: str, organism: Organism) -> None:

@@ -3,7 +3,7 @@
 A run is four sections (``RunConfig``): ``train`` (the run: shards, output, preset, steps,
 checkpoints, evaluation), ``optim`` (AdamW and its schedule), ``model`` (``ModelConfig``:
 architecture, loss weights) and ``data`` (``DataConfig``: context, batch, corruption,
-neighbours). Every field is a flag (``data_prep.flags``): ``--model.w-zinb``,
+neighbours). Every field is a flag (``utils.flags``): ``--model.w-zinb``,
 ``--data.mask-max``, ... (``_`` for ``-`` works too); the ``train`` and ``optim`` fields also go
 without their section (``--max-steps``, ``--lr``, and ``--deepspeed_config``, the DeepSpeed
 spelling), and the data and model fields a run is usually given keep their short names
@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from data_prep import flags
 from pretrain.data import DataConfig
 from pretrain.model import PRESETS, ModelConfig
+from utils import flags
 
 # Optimisation recipe of each model preset: what a flag left unset takes. small/medium/large are
 # scPRINT-2's published settings (per-GPU batch, peak lr, warmup, clipping; medium's clipping is

@@ -11,6 +11,11 @@ spike-ins and non-gene features left out), data_prep.graph.neighbours
 (HVG -> PCA -> kNN over all the file's cells and genes) finds the neighbours,
 data_prep.pack.align_sample turns each cell into a ``CellSample`` and pretrain.batches.BatchBuilder
 makes the batch, with every corruption and random shape switched off (``inference_config``).
+That is why this module, unlike training and export (which import only ``data_prep.shard_format``
+of data_prep), imports the build's ingest, graph and pack modules: a second reader of counts or a
+second PCA -> kNN graph here would let the cells the model is applied to drift from the cells it
+learnt from.
+
 Where it differs from training:
 
 - no cell is dropped (QC is for training data); a cell with no counts gets an embedding too;
@@ -44,16 +49,23 @@ import torch
 from anndata.io import write_elem
 from tqdm import tqdm
 
-from data_prep import atomic
+from data_prep.genes import SymbolMap
+from data_prep.graph import GraphConfig, row_totals
 from data_prep.graph import neighbours as find_neighbours
-from data_prep.graph import row_totals
 from data_prep.ingest import DatasetError, IngestConfig, open_counts
-from data_prep.organisms import Organism
 from data_prep.pack import GeneOrder, align_sample
-from data_prep.shard_format import CLASSES, MAX_NEIGHBOURS, UNKNOWN, CellSample, encode_parts
+from data_prep.shard_format import (
+    CLASSES,
+    MAX_NEIGHBOURS,
+    UNKNOWN,
+    CellSample,
+    Organism,
+    encode_parts,
+)
 from pretrain.batches import BatchBuilder, record
 from pretrain.data import DataConfig
 from pretrain.export import ExportedModel, load_model_file
+from utils import atomic
 
 EMBEDDING_KEY = "X_scpretrain"
 UNS_KEY = "scpretrain"
@@ -163,7 +175,7 @@ def open_cells(exported: ExportedModel, adata_path: str | Path, organism: str | 
     with tempfile.TemporaryDirectory(prefix="scpretrain-embed-") as tmp_name:
         tmp = Path(tmp_name)
         with open_counts(path, cfg, organism=organism, organism_hint="pass --organism",
-                         symbols=exported.vocab.symbol_map()) as counts_file:
+                         symbols=SymbolMap(exported.vocab.aliases())) as counts_file:
             col2gid = _match_genes(path, exported, counts_file.organism, counts_file.genes)
             with tqdm(total=counts_file.shape[0], desc="read counts", unit="cell",
                       disable=not progress) as bar:
@@ -175,7 +187,7 @@ def open_cells(exported: ExportedModel, adata_path: str | Path, organism: str | 
         # the memory-mapped buffers as they are: the constructor would copy or upcast them
         counts.data, counts.indices, counts.indptr = (arrays["data"], arrays["indices"],
                                                       arrays["indptr"])
-        graph = exported.graph_config
+        graph = GraphConfig(**exported.graph_config)
         nb = find_neighbours(counts, neighbours, graph, seed)
         yield CellInput(path, counts_file.organism, counts_file.source, counts, arrays["total"],
                         col2gid, nb.idx, nb.dist, graph.chunk_rows)

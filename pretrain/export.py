@@ -9,7 +9,9 @@ vocabulary (per organism: its id range, gene names in id order and their symbol 
 label names of the 9 classes, the context the model was trained with and the cell-graph settings
 of the shards. It is plain dicts, lists, strings, numbers and tensors, so
 ``torch.load(path, weights_only=True)`` reads it and ``load_exported`` / ``load_model_file`` need
-no DeepSpeed, no process group and any number of devices.
+no DeepSpeed, no process group and any number of devices. The vocabularies are read with
+``data_prep.shard_format``'s readers, the one module of data_prep this imports; the graph
+settings stay the manifest's plain dict (``pretrain.embed`` makes them a ``GraphConfig``).
 """
 
 from __future__ import annotations
@@ -21,14 +23,18 @@ from pathlib import Path
 
 import torch
 
-from data_prep import atomic
-from data_prep.graph import GraphConfig
-from data_prep.labels import LabelVocab
-from data_prep.organisms import Organism
-from data_prep.shard_format import CLASSES, load_manifest
-from data_prep.vocab import GeneVocab, OrganismRange
+from data_prep.shard_format import (
+    CLASSES,
+    GeneRanges,
+    Organism,
+    OrganismRange,
+    load_manifest,
+    read_gene_vocab,
+    read_labels,
+)
 from pretrain.model import ModelConfig, ScPrintModel
 from pretrain.train import CKPT_DIR
+from utils import atomic
 
 FORMAT = "scpretrain-model"
 FORMAT_VERSION = 1
@@ -41,10 +47,12 @@ class ExportedModel:
     path: Path
     model: ScPrintModel
     config: ModelConfig
-    vocab: GeneVocab  # the training gene vocabulary (global ids = the model's gene ids)
+    vocab: GeneRanges  # the training gene vocabulary (global ids = the model's gene ids)
     labels: dict[str, list[str]]  # class -> label names in id order (empty: class not trained)
     train_context: int  # genes per cell the model was trained with
-    graph_config: GraphConfig  # how the shards' cell graphs (neighbours) were computed
+    # how the shards' cell graphs (neighbours) were computed: the build's graph settings as its
+    # manifest records them ({}: the build's defaults)
+    graph_config: dict
     tag: str  # the checkpoint it was exported from
 
     @property
@@ -78,11 +86,12 @@ def export(run: str | Path, out: str | Path, tag: str | None = None,
     except (FileNotFoundError, ValueError) as e:
         raise FileNotFoundError(f"{e} (the vocabularies of run {run} come from its shards; give "
                                 "their folder with --shards if they moved)") from None
-    vocab = GeneVocab.load(shards / Path(manifest["vocab"]["genes"]).parent)
-    labels = LabelVocab.load(shards / Path(manifest["labels"]["file"]).parent)
-    if vocab.n_ids != resolved["n_genes"] or labels.n_labels() != resolved["n_labels"]:
+    vocab = GeneRanges(read_gene_vocab(shards / Path(manifest["vocab"]["genes"]).parent)[0])
+    labels = read_labels(shards / manifest["labels"]["file"])["classes"]
+    n_labels = {c: len(names) for c, names in labels.items()}
+    if vocab.n_ids != resolved["n_genes"] or n_labels != resolved["n_labels"]:
         raise ValueError(
-            f"{shards}: its vocabularies ({vocab.n_ids} gene ids, labels {labels.n_labels()}) "
+            f"{shards}: its vocabularies ({vocab.n_ids} gene ids, labels {n_labels}) "
             f"are not the ones run {run} was trained with ({resolved['n_genes']} gene ids, "
             f"labels {resolved['n_labels']}); were the shards rebuilt after training?")
 
@@ -92,25 +101,27 @@ def export(run: str | Path, out: str | Path, tag: str | None = None,
     return write_model_file(
         out, state, ModelConfig(**resolved["model"]), vocab, labels, resolved["data"]["context"],
         label_hierarchy=resolved.get("label_hierarchy"), tag=tag,
-        graph_config=GraphConfig(**manifest["config"]["graph"]))
+        graph_config=manifest["config"]["graph"])
 
 
 def write_model_file(
     out: str | Path,
     state_dict: dict[str, torch.Tensor],
     model_config: ModelConfig,
-    vocab: GeneVocab,
-    labels: LabelVocab,
+    vocab: GeneRanges,
+    labels: dict[str, list[str]],
     train_context: int,
     *,
     label_hierarchy: dict | None = None,
     tag: str = "",
-    graph_config: GraphConfig | None = None,
+    graph_config: dict | None = None,
 ) -> Path:
-    """Write a model file (atomically) from weights, config and the training vocabularies.
+    """Write a model file (atomically) from weights, config and the training vocabularies:
+    ``labels`` maps each class to its label names in id order, ``graph_config`` holds the
+    build's graph settings as its manifest records them (None: the build's defaults).
 
     ``export`` uses it for a run's checkpoint; it also saves a model built in memory (e.g. an
-    untrained ``ScPrintModel(cfg, vocab.n_ids, labels.n_labels())``).
+    untrained ``ScPrintModel(cfg, vocab.n_ids, label_vocab.n_labels())``).
     """
     out = Path(out)
     payload = {
@@ -119,15 +130,15 @@ def write_model_file(
         "state_dict": {k: v.float().contiguous() for k, v in state_dict.items()},
         "model_config": asdict(model_config),
         "n_genes": vocab.n_ids,
-        "n_labels": labels.n_labels(),
+        "n_labels": {c: len(labels.get(c, [])) for c in CLASSES},
         "label_hierarchy": label_hierarchy,
         "tag": tag,
         "train_context": int(train_context),
-        "graph_config": asdict(graph_config or GraphConfig()),
+        "graph_config": dict(graph_config or {}),
         "genes": {curie: {"taxon": r.organism.taxon, "name": r.organism.name, "start": r.start,
                           "size": r.size, "genes": list(r.genes), "aliases": dict(r.aliases)}
                   for curie, r in vocab.ranges.items()},
-        "labels": {cls: labels.values(cls) for cls in CLASSES},
+        "labels": {c: list(labels.get(c, [])) for c in CLASSES},
     }
     with atomic.atomic_path(out) as tmp:
         torch.save(payload, tmp)
@@ -157,7 +168,7 @@ def load_model_file(path: str | Path) -> ExportedModel:
     return ExportedModel(
         path=path, model=model, config=model.cfg, vocab=vocab, labels=labels,
         train_context=int(payload["train_context"]),
-        graph_config=GraphConfig(**payload["graph_config"]), tag=payload["tag"])
+        graph_config=dict(payload["graph_config"]), tag=payload["tag"])
 
 
 def _read_payload(path: Path) -> dict:
@@ -184,9 +195,9 @@ def _build_model(path: Path, payload: dict) -> ScPrintModel:
     return model.eval()
 
 
-def _gene_vocab(genes: dict) -> GeneVocab:
-    """The ``GeneVocab`` of a model file's ``genes`` entry (ids exactly as in training)."""
-    vocab = GeneVocab()
+def _gene_vocab(genes: dict) -> GeneRanges:
+    """The gene vocabulary of a model file's ``genes`` entry (ids exactly as in training)."""
+    vocab = GeneRanges()
     for curie, o in sorted(genes.items(), key=lambda kv: kv[1]["start"]):
         start, names = int(o["start"]), list(o["genes"])
         vocab.ranges[curie] = OrganismRange(

@@ -1,16 +1,16 @@
-"""The command lines generated from the configuration dataclasses (data_prep.flags)."""
+"""The command lines generated from the configuration dataclasses (utils.flags)."""
 
 import argparse
 
 import pytest
 
-from data_prep import flags
 from data_prep.build_shards import parser as build_parser
 from data_prep.config import SKIP as BUILD_SKIP
 from data_prep.config import BuildConfig, config_from_args
 from pretrain.config import SKIP as TRAIN_SKIP
 from pretrain.config import RunConfig, parse_train_config, resolve
 from pretrain.config import parser as train_parser
+from utils import flags
 
 
 def _flag_paths(p: argparse.ArgumentParser) -> dict[str, argparse.Action]:

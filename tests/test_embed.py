@@ -65,7 +65,7 @@ def model_file(pbmc, tmp_path_factory):
     cfg = ModelConfig.preset("tiny", kernels="reference")
     model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels()).eval()
     path = write_model_file(tmp_path_factory.mktemp("model") / "model.pt", model.state_dict(),
-                            cfg, vocab, labels, CONTEXT)
+                            cfg, vocab, labels.class_names(), CONTEXT)
     return path, model, vocab, labels
 
 
@@ -238,8 +238,8 @@ def test_symbol_named_file_matches_a_vocabulary_of_ensembl_ids(pbmc, cells, tmp_
     labels.add("organism", ["NCBITaxon:9606"])
     cfg = ModelConfig.preset("tiny", kernels="reference")
     model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels()).eval()
-    path = write_model_file(tmp_path / "ensembl.pt", model.state_dict(), cfg, vocab, labels,
-                            CONTEXT)
+    path = write_model_file(tmp_path / "ensembl.pt", model.state_dict(), cfg, vocab,
+                            labels.class_names(), CONTEXT)
     exported = load_model_file(path)
     assert exported.genes["NCBITaxon:9606"].aliases == dict(zip(symbols, ids))
     with open_cells(exported, cells) as found:

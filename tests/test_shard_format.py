@@ -98,21 +98,23 @@ def test_stock_tools_read_a_member():
     _equal(s, F.decode_record(head, body))
 
 
-def test_training_path_imports_only_self_contained_modules_of_data_prep(repo_root):
-    """The trainer and its loader import, of data_prep, only modules that import nothing else of
-    the project: the format module and the two generic helpers (atomic writes, the CLI generated
-    from dataclasses). Build code may change without touching training."""
+def test_training_and_export_import_only_the_format_module_of_data_prep(repo_root):
+    """Of data_prep, the trainer (everything ``pretrain/train.py`` imports) and the exporter load
+    ``shard_format`` alone, which loads nothing else of the project; the helpers they share with
+    the build are ``utils``, which loads nothing of data_prep either. Build code may then change
+    without touching training."""
     code = ("import sys; import {}; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('data_prep', 'pretrain',"
-            " 'kernels')))")
+            " 'kernels', 'utils')))")
 
-    def loaded(module):
-        out = subprocess.run([sys.executable, "-c", code.format(module)], cwd=repo_root,
-                             capture_output=True, text=True, check=True).stdout
+    def loaded(*modules):
+        out = subprocess.run([sys.executable, "-c", code.format(", ".join(modules))],
+                             cwd=repo_root, capture_output=True, text=True, check=True).stdout
         return ast.literal_eval(out.strip().splitlines()[-1])
 
-    allowed = ["data_prep.atomic", "data_prep.flags", "data_prep.shard_format"]
-    for module in allowed:
-        assert loaded(module) == ["data_prep", module]
-    training = loaded("pretrain.train, pretrain.data, pretrain.model")
-    assert [m for m in training if m.startswith("data_prep")] == ["data_prep", *allowed]
+    assert loaded("data_prep.shard_format") == ["data_prep", "data_prep.shard_format"]
+    assert loaded("utils.atomic", "utils.flags") == ["utils", "utils.atomic", "utils.flags"]
+    training = loaded("pretrain.train", "pretrain.export")
+    assert "pretrain.export" in training and "pretrain.model" in training
+    of_data_prep = [m for m in training if m.startswith("data_prep.")]
+    assert of_data_prep == ["data_prep.shard_format"], f"training imports {of_data_prep}"

@@ -155,7 +155,7 @@ def test_aliases_name_vocabulary_genes(tmp_path):
         "organism\talias\tgene", "NCBITaxon:10090\tActb\tENSMUSG00000000001",
         "NCBITaxon:10090\tGapdh\tENSMUSG00000000002"]
     again = GeneVocab.load(tmp_path / "v")
-    assert again.symbol_map().maps == {"NCBITaxon:10090": r.aliases}
+    assert SymbolMap(again.aliases()).maps == {"NCBITaxon:10090": r.aliases}
     assert v.to_manifest()["aliases"] == "vocab/aliases.tsv"
     # an earlier alias is kept when the vocabulary is extended
     again.add_aliases(SymbolMap({"NCBITaxon:10090": {"Actb": "ENSMUSG00000000002"}}))
@@ -165,4 +165,4 @@ def test_aliases_name_vocabulary_genes(tmp_path):
     with pytest.raises(ValueError, match="line 2: 'ENSMUSG00000000777' is not a gene"):
         GeneVocab.load(tmp_path / "v")
     (tmp_path / "v" / "aliases.tsv").unlink()  # written before aliases existed: none
-    assert GeneVocab.load(tmp_path / "v").symbol_map().maps == {"NCBITaxon:10090": {}}
+    assert SymbolMap(GeneVocab.load(tmp_path / "v").aliases()).maps == {"NCBITaxon:10090": {}}
