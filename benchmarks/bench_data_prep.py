@@ -78,8 +78,10 @@ def run_shards(out: Path) -> None:
             pass
 
     shutil.rmtree(out / "shards", ignore_errors=True)
+    plan = out / "work" / "pack"
+    streams = sorted(d.name for d in plan.iterdir() if (d / "stream.json").is_file())
     t = time.perf_counter()
-    shards = pack.pack_all(out / "work" / "pack", out, 1, None, lambda total, desc: _NoBar())
+    shards = pack.pack_all(plan, out, streams, 1, None, lambda total, desc: _NoBar())
     samples = sum(s["n_samples"] for kind in shards.values() for s in kind)
     _emit({"stage": "shards", "samples": samples, "seconds": time.perf_counter() - t,
            "bytes": sum(s["bytes"] for kind in shards.values() for s in kind)})

@@ -11,6 +11,9 @@ process of its checkout; the two are measured alternately ``--repeats`` times an
 their ratios printed, so both see the same machine load. Then the zstd level: this checkout's
 sample bodies recompressed at each of ``--levels`` (tar bytes per sample, compression and
 decompression time per sample), the measurement ``shard_format.ZSTD_LEVEL`` was chosen by.
+``--contents-only`` prints what a sample of the build holds instead (no ``--previous`` needed):
+genes stored, neighbours and bytes, meta-cells and single cells apart, the inputs of the
+bytes-per-sample scaling in docs/scale.md.
 """
 
 from __future__ import annotations
@@ -107,16 +110,60 @@ def levels(shards: Path, chosen: list[int]) -> None:
         print(f"{level:6d} {sizes.mean():17,.0f} {comp:12.1f} {dec:14.1f}")
 
 
+def contents(build: Path) -> None:
+    """What a sample of the build holds, meta-cells and single cells apart: genes stored (the
+    profile's own, then neighbour-only padding), neighbours, tar bytes per sample and per stored
+    gene, and the expressed genes of the drawn cell itself (from its dataset's ingest folder)."""
+    import tarfile
+
+    from data_prep.ingest import IngestedDataset
+    from data_prep.shard_format import FLAG_METACELL, decode_header, member_bytes
+
+    manifest = json.loads((build / "manifest.json").read_text())
+    own_nnz = {}  # dataset id -> expressed genes by obs row of its input file
+    for d in manifest["datasets"]:
+        ds = IngestedDataset.load(build / "work" / "datasets" / d["name"] / "ingest")
+        by_row = np.full(int(ds.cells.max(initial=-1)) + 1, -1, dtype=np.int64)
+        by_row[ds.cells] = ds.nnz
+        own_nnz[d["id"]] = by_row
+    rows = []
+    for entry in manifest["shards"]:
+        with tarfile.open(build / entry["path"]) as tar:
+            for member in tar:
+                buf = tar.extractfile(member).read()
+                head = decode_header(buf)
+                rows.append((bool(head["flags"] & FLAG_METACELL),
+                             int(head["n_expr"]) + int(head["n_pad"]), int(head["n_expr"]),
+                             int(head["n_nbr"]), int(member_bytes(np.array([len(buf)]))[0]),
+                             int(own_nnz[int(head["dataset"])][int(head["cell"])])))
+    a = np.array(rows, dtype=np.int64)
+    print(f"\nwhat a sample holds ({len(a):,} train samples of {build})")
+    print(f"{'samples':>14s} {'n':>6s} {'genes stored':>13s} {'own genes':>10s} "
+          f"{'neighbours':>11s} {'tar bytes':>10s} {'bytes/gene':>11s} {'drawn cell genes':>17s}")
+    for name, sel in (("meta-cells", a[:, 0] == 1), ("single cells", a[:, 0] == 0),
+                      ("all", np.ones(len(a), dtype=bool))):
+        s = a[sel]
+        per_gene = s[:, 4].sum() / s[:, 1].sum()
+        print(f"{name:>14s} {len(s):6,d} {s[:, 1].mean():13,.0f} {s[:, 2].mean():10,.0f} "
+              f"{s[:, 3].mean():11.2f} {s[:, 4].mean():10,.0f} {per_gene:11.3f} "
+              f"{s[:, 5].mean():17,.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--previous", required=True, help="checkout of the previous format")
+    ap.add_argument("--previous", help="checkout of the previous format (required unless "
+                    "--levels-only or --contents-only)")
     ap.add_argument("--data", default=str(REPO / "data"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--levels-only", action="store_true", help="only the zstd levels, on the "
                     "shards of an earlier run's --work")
     ap.add_argument("--work", help="build folder (default: a temporary one)")
     ap.add_argument("--levels", type=int, nargs="*", default=[-7, -3, -1, 1, 3, 9])
+    ap.add_argument("--contents-only", action="store_true", help="only what a sample holds, on "
+                    "the build of --work (built first if absent)")
     args = ap.parse_args()
+    if args.previous is None and not (args.levels_only or args.contents_only):
+        ap.error("--previous is required to compare formats")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_shard_format_"))
     build = work / "build"
     if not (build / "manifest.json").exists():
@@ -124,6 +171,9 @@ def main() -> None:
                         str(build), "--quiet"], check=True, cwd=REPO)
     if args.levels_only:
         levels(work / "out-this" / "shards", args.levels)
+        return
+    if args.contents_only:
+        contents(build)
         return
     checkouts = {"previous": Path(args.previous).resolve(), "this": REPO}
     runs: dict[str, list[dict]] = {name: [] for name in checkouts}
