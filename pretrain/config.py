@@ -89,7 +89,8 @@ class TrainConfig:
         "help": f"preset: {', '.join(PRESETS)} (architecture and optimisation recipe)"})
     max_steps: int = field(default=1000, metadata={"help": "stop after this optimizer step"})
     precision: str = field(default="auto", metadata={
-        "help": "auto (the JSON decides; 'auto' there means bf16), bf16 or fp32"})
+        "help": "auto (the JSON decides; 'auto' there means bf16 where the device has native "
+                "bf16 matmuls: GPUs, AVX-512/AMX CPUs; else fp32), bf16 or fp32"})
     seed: int = field(default=0, metadata={
         "help": "seed of the initial weights and (unless --data.seed) the data stream"})
     deterministic: bool = field(default=False, metadata={

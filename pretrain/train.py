@@ -47,8 +47,13 @@ AUTO_WORKERS_CUDA = 2
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
-def resolve_ds_config(cfg: RunConfig, path: str | Path) -> dict:
-    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run's config."""
+def resolve_ds_config(cfg: RunConfig, path: str | Path, native_bf16: bool) -> dict:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run's config.
+
+    Precision ``"auto"`` is bf16 where the device multiplies bf16 natively (``native_bf16``:
+    GPUs, CPUs with AVX-512 or AMX) and fp32 elsewhere: an AVX2-only CPU emulates bf16 matmuls,
+    and `tiny` trained 5x slower in bf16 than in fp32 on one (docs/benchmarks/train.md).
+    """
     path = Path(path)
     try:
         ds = json.loads(path.read_text())
@@ -68,7 +73,7 @@ def resolve_ds_config(cfg: RunConfig, path: str | Path) -> dict:
     if cfg.train.precision != "auto":
         bf16["enabled"] = cfg.train.precision == "bf16"
     elif bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = True
+        bf16["enabled"] = native_bf16
     if ds.get("fp16", {}).get("enabled") is True and bf16["enabled"]:
         raise ValueError(f"{path}: fp16 and bf16 are both enabled")
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
@@ -298,7 +303,9 @@ class Trainer:
                              self.hierarchy)
         seed_all(cfg.seed + 1000 * (self.rank + 1))  # then distinct dropout/noise per rank
 
-        self.ds_config = resolve_ds_config(run_cfg, cfg.deepspeed_config)
+        # torch's own test of oneDNN bf16 support (AVX-512 BW/VL/DQ or newer) on CPUs
+        native_bf16 = cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        self.ds_config = resolve_ds_config(run_cfg, cfg.deepspeed_config, native_bf16)
         optimizer = build_optimizer(run_cfg.optim, model, self.ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                       lr_lambda(run_cfg.optim, cfg.max_steps))

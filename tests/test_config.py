@@ -91,3 +91,16 @@ def test_trainer_options_are_no_prefix_of_torchrun_options():
                                                                                    "--help")]
     clashes = {o for o in ours for t in theirs if t.startswith(o)}
     assert clashes == {"--local-rank", "--local_rank"}
+
+
+@pytest.mark.parametrize("precision, native, bf16", [
+    ("auto", True, True), ("auto", False, False), ("bf16", False, True), ("fp32", True, False)])
+def test_precision_auto_is_bf16_where_native(repo_root, precision, native, bf16):
+    """``auto`` (the flag's default and the JSON's) picks bf16 where the device multiplies bf16
+    natively and fp32 where it would emulate it (several times slower on an AVX2 CPU); an
+    explicit choice wins on both."""
+    from pretrain.train import resolve_ds_config
+
+    cfg = parse_train_config(["--shards", "S", "--out", "R", "--precision", precision])
+    ds = resolve_ds_config(cfg, repo_root / "ds_configs" / "zero2.json", native_bf16=native)
+    assert ds["bf16"]["enabled"] is bf16
