@@ -294,7 +294,7 @@ class GeneOrder:
 
 class _ShardRows:
     """The rows of one dataset that one shard needs (its cells, their neighbours, the CSR rows
-    of both), read in one pass and released with the shard."""
+    of both), read in one pass and released once its samples are encoded."""
 
     def __init__(self, ds: PackDataset, plan_dir: Path, rows: np.ndarray, neighbours: int):
         ing, gra = Path(ds.ingest_dir), Path(ds.graph_dir)
@@ -466,15 +466,20 @@ class Packer:
         group = read_rows(self.plan_dir / "group.npy", cells).astype(np.int64)
         pseudo = read_rows(self.plan_dir / "pseudo.npy", cells).astype(np.int64)
         ds_of = _dataset_of(self.datasets, cells)
-        # each sample's dataset and its index among that dataset's rows of this shard
-        order = np.argsort(ds_of, kind="stable")
-        first = np.searchsorted(ds_of[order], ds_of[order])
-        index_in_ds = np.empty_like(order)
-        index_in_ds[order] = np.arange(order.shape[0]) - first
-        parts = {int(d): _ShardRows(self.datasets[d], self.plan_dir,
-                                    cells[ds_of == d] - self.datasets[d].offset,
-                                    self.cfg.neighbours) for d in np.unique(ds_of)}
+        # dataset by dataset: a shard drawn from many datasets holds the rows of one at a time
+        # and the encoded samples (at most the shard's size), written in stream order after
+        encoded = [b""] * cells.shape[0]
         n_expr = np.zeros(cells.shape[0], dtype=np.int64)
+        for d in np.unique(ds_of):
+            ds = self.datasets[d]
+            mine = np.flatnonzero(ds_of == d)
+            rows = _ShardRows(ds, self.plan_dir, cells[mine] - ds.offset, self.cfg.neighbours)
+            for i, j in enumerate(mine.tolist()):
+                sample = rows.sample(i, bool(metacell[j]), self.cfg.context_genes,
+                                     int(group[j]), int(pseudo[j]), float(weight[j]))
+                n_expr[j] = sample.n_expr
+                encoded[j] = encode_sample(sample, self.zstd)
+            del rows
         path = self.out_dir / shard_name(stream, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(path) as tmp:
@@ -482,14 +487,8 @@ class Packer:
                 out = _HashingWriter(f)
                 with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                     tar.copybufsize = 1 << 24  # one write per member
-                    for j in range(cells.shape[0]):
-                        sample = parts[int(ds_of[j])].sample(
-                            int(index_in_ds[j]), bool(metacell[j]), self.cfg.context_genes,
-                            int(group[j]), int(pseudo[j]), float(weight[j]),
-                        )
-                        n_expr[j] = sample.n_expr
-                        _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}",
-                                    encode_sample(sample, self.zstd))
+                    for j, body in enumerate(encoded):
+                        _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}", body)
                         self._count_for_fault()
             rec = {"path": shard_name(stream, index), "n_samples": end - start,
                    "bytes": out.n, "sha256": out.hash.hexdigest(),
@@ -497,7 +496,7 @@ class Packer:
                              "n_above_context": int((n_expr > self.cfg.context_genes).sum()),
                              "n_metacells": int(metacell.sum())}}
             atomic.write_text(sdir / "done" / f"{index:06d}.json", json.dumps(rec, sort_keys=True))
-        del parts
+        del encoded
         _release_heap()
         return rec
 
