@@ -17,7 +17,8 @@ with ``--num-machines W --machine-index I --out PART_I``; it does the per-datase
 share (every machine reads the gene names of all datasets, so all use the same symbol map) and
 writes PART_I/part.json. Then ``python -m data_prep.merge PART_0 ... PART_{W-1} --out
 OUT`` builds the vocabularies, stream, shards, manifest and report from the parts; the result is
-identical to a single run over all datasets.
+identical to a single run over all datasets. The merge's packing can be split over machines too
+(``--stage plan``, ``pack``, ``manifest``; ``scripts/slurm_build.sh`` runs the whole build).
 """
 
 from __future__ import annotations

@@ -82,10 +82,11 @@ class PackDataset:
     taxon: int
     offset: int
     n_cells: int
+    n_held: int = 0  # cells held out for evaluation
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing the stream
+# Hold-out, seeds and shard cuts
 
 
 def holdout_mask(n_cells: int, fraction: float, seed: int, name: str) -> np.ndarray:
@@ -126,22 +127,6 @@ def check_pack_config(cfg: PackConfig, names: list[str]) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The seed of epoch ``epoch``'s draw: its own stream, reproducible from (seed, epoch)."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
-def draw_stream(
-    prob: np.ndarray, size: int, metacell_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``size`` cells with replacement from ``prob``; flag an exact share as meta-cells.
-
-    Independent draws are already shuffled across datasets, so the stream order is the draw order.
-    """
-    rng = np.random.default_rng([seed, 2])
-    cells = rng.choice(prob.shape[0], size=size, replace=True, p=prob).astype(np.int64)
-    metacell = np.zeros(size, dtype=bool)
-    n_meta = int(round(metacell_fraction * size))
-    if n_meta:
-        metacell[rng.permutation(size)[:n_meta]] = True
-    return cells, metacell
 
 
 def shard_bounds(member_size: np.ndarray, max_samples: int, max_bytes: int) -> np.ndarray:
@@ -309,7 +294,7 @@ class GeneOrder:
 
 class _ShardRows:
     """The rows of one dataset that one shard needs (its cells, their neighbours, the CSR rows
-    of both), read in one pass and released with the shard."""
+    of both), read in one pass and released once its samples are encoded."""
 
     def __init__(self, ds: PackDataset, plan_dir: Path, rows: np.ndarray, neighbours: int):
         ing, gra = Path(ds.ingest_dir), Path(ds.graph_dir)
@@ -382,32 +367,24 @@ class _ShardRows:
 # The plan: everything the shard writers need, on disk, so shards can be built in any process
 
 
-def save_plan(
-    plan_dir: Path,
-    cfg: PackConfig,
-    datasets: list[PackDataset],
-    col2gid: list[np.ndarray],
-    label_maps: list[np.ndarray],
-    group: np.ndarray,
-    pseudo: np.ndarray,
-    fingerprint: str,
-) -> None:
-    """Write the part of the plan every stream shares; ``plan.json`` goes last and marks it
-    complete. The streams (``save_stream``) are added after it, each in its own folder.
-
-    ``label_maps[d]`` is int32 [9, n_codes + 1]: global label id of local code c at column c + 1
-    (column 0 maps the unknown code -1 to -1).
-    """
-    plan_dir.mkdir(parents=True, exist_ok=True)
-    (plan_dir / "plan.json").unlink(missing_ok=True)
-    for ds, c2g, lm in zip(datasets, col2gid, label_maps):
-        atomic.save_npy(plan_dir / f"col2gid-{ds.id}.npy", c2g.astype(np.int64))
-        atomic.save_npy(plan_dir / f"labelmap-{ds.id}.npy", lm.astype(np.int32))
-    atomic.save_npy(plan_dir / "group.npy", group)
-    atomic.save_npy(plan_dir / "pseudo.npy", pseudo)
+def save_plan(plan_dir: Path, cfg: PackConfig, datasets: list[PackDataset],
+              fingerprint: str) -> None:
+    """Write ``plan.json``, which marks the plan complete: the per-dataset maps
+    (``save_dataset_maps``), the corpus-wide ``group.npy`` and ``pseudo.npy`` (global cell ->
+    group, pseudo-label; read per shard, never whole) and the eval stream come before it, the
+    epochs' streams after it, each in its own folder."""
     meta = {"config": asdict(cfg), "datasets": [asdict(d) for d in datasets],
             "fingerprint": fingerprint}
     atomic.write_text(plan_dir / "plan.json", json.dumps(meta, sort_keys=True, indent=1))
+
+
+def save_dataset_maps(plan_dir: Path, ds_id: int, col2gid: np.ndarray,
+                      label_map: np.ndarray) -> None:
+    """A dataset's gene map (local column -> global gene id) and label map: int32
+    [9, n_codes + 1], the global label id of local code c at column c + 1 (column 0 maps the
+    unknown code -1 to -1)."""
+    atomic.save_npy(plan_dir / f"col2gid-{ds_id}.npy", col2gid.astype(np.int64))
+    atomic.save_npy(plan_dir / f"labelmap-{ds_id}.npy", label_map.astype(np.int32))
 
 
 def plan_fingerprint(plan_dir: Path, stream: str | None = None) -> str | None:
@@ -425,60 +402,22 @@ def stream_name(epoch: int) -> str:
     return f"train-e{epoch:04d}"
 
 
-def save_stream(
-    plan_dir: Path,
-    stream: str,
-    cells: np.ndarray,
-    metacell: np.ndarray,
-    weight: np.ndarray,
-    fingerprint: str,
-    group_target: np.ndarray | None = None,
-) -> None:
-    """Write one stream of the plan (the eval cells, or one epoch's draw, with the group
-    probabilities it was drawn to match) and its shard boundaries; ``stream.json`` goes last.
-    Shards done for an earlier version are forgotten."""
-    meta = json.loads((plan_dir / "plan.json").read_text())
-    cfg = PackConfig(**meta["config"])
-    datasets = [PackDataset(**d) for d in meta["datasets"]]
-    sdir = plan_dir / stream
-    sdir.mkdir(parents=True, exist_ok=True)
-    (sdir / "stream.json").unlink(missing_ok=True)
-    for side in (sdir / "done").glob("*.json"):
-        side.unlink()
-    atomic.save_npy(sdir / "cells.npy", cells.astype(np.int64))
-    atomic.save_npy(sdir / "metacell.npy", metacell.astype(bool))
-    atomic.save_npy(sdir / "weight.npy", weight.astype(np.float64))
-    if group_target is not None:
-        atomic.save_npy(sdir / "group_target.npy", group_target.astype(np.float64))
-    size = _member_bounds(datasets, cells, metacell, cfg)
-    atomic.save_npy(sdir / "bounds.npy", shard_bounds(size, cfg.shard_samples,
-                                                      int(cfg.shard_mb * 2**20)))
-    atomic.write_text(sdir / "stream.json", json.dumps({"fingerprint": fingerprint}))
-
-
 def _dataset_of(datasets: list[PackDataset], cells: np.ndarray) -> np.ndarray:
     offsets = np.array([d.offset for d in datasets], dtype=np.int64)
     return np.searchsorted(offsets, cells, side="right") - 1
 
 
-def _member_bounds(
-    datasets: list[PackDataset], cells: np.ndarray, metacell: np.ndarray, cfg: PackConfig
-) -> np.ndarray:
-    nnz = np.zeros(cells.shape[0], dtype=np.int64)
-    nbr_sum = np.zeros_like(nnz)
-    n_nbr = np.zeros_like(nnz)
-    ds_of = _dataset_of(datasets, cells) if datasets else np.zeros(0, dtype=np.int64)
-    for d in np.unique(ds_of):
-        ds = datasets[d]
-        sel = np.flatnonzero(ds_of == d)
-        rows = cells[sel] - ds.offset
-        nbr = read_rows(Path(ds.graph_dir) / "nbr_idx.npy", rows)[:, : cfg.neighbours]
-        valid = (nbr >= 0) & (nbr != rows[:, None])
-        ds_nnz = Path(ds.ingest_dir) / "nnz.npy"
-        nnz[sel] = read_rows(ds_nnz, rows)
-        nbr_sum[sel] = np.where(valid, read_rows(ds_nnz, np.maximum(nbr, 0)), 0).sum(axis=1)
-        n_nbr[sel] = valid.sum(axis=1)
-    bound = sample_bytes_bound(nnz, nbr_sum, n_nbr, metacell, cfg.context_genes)
+def member_bytes_bound(ds: PackDataset, rows: np.ndarray, metacell: np.ndarray,
+                       cfg: PackConfig) -> np.ndarray:
+    """Upper bound of the tar bytes of the samples of dataset ``ds``'s ``rows``: what the shard
+    cuts are made from before anything is packed."""
+    nbr = read_rows(Path(ds.graph_dir) / "nbr_idx.npy", rows)[:, : cfg.neighbours]
+    valid = (nbr >= 0) & (nbr != rows[:, None])
+    ds_nnz = Path(ds.ingest_dir) / "nnz.npy"
+    nnz = read_rows(ds_nnz, rows).astype(np.int64)
+    nbr_sum = np.where(valid, read_rows(ds_nnz, np.maximum(nbr, 0)), 0).sum(axis=1)
+    bound = sample_bytes_bound(nnz, nbr_sum.astype(np.int64), valid.sum(axis=1), metacell,
+                               cfg.context_genes)
     return member_bytes(bound)
 
 
@@ -527,15 +466,20 @@ class Packer:
         group = read_rows(self.plan_dir / "group.npy", cells).astype(np.int64)
         pseudo = read_rows(self.plan_dir / "pseudo.npy", cells).astype(np.int64)
         ds_of = _dataset_of(self.datasets, cells)
-        # each sample's dataset and its index among that dataset's rows of this shard
-        order = np.argsort(ds_of, kind="stable")
-        first = np.searchsorted(ds_of[order], ds_of[order])
-        index_in_ds = np.empty_like(order)
-        index_in_ds[order] = np.arange(order.shape[0]) - first
-        parts = {int(d): _ShardRows(self.datasets[d], self.plan_dir,
-                                    cells[ds_of == d] - self.datasets[d].offset,
-                                    self.cfg.neighbours) for d in np.unique(ds_of)}
+        # dataset by dataset: a shard drawn from many datasets holds the rows of one at a time
+        # and the encoded samples (at most the shard's size), written in stream order after
+        encoded = [b""] * cells.shape[0]
         n_expr = np.zeros(cells.shape[0], dtype=np.int64)
+        for d in np.unique(ds_of):
+            ds = self.datasets[d]
+            mine = np.flatnonzero(ds_of == d)
+            rows = _ShardRows(ds, self.plan_dir, cells[mine] - ds.offset, self.cfg.neighbours)
+            for i, j in enumerate(mine.tolist()):
+                sample = rows.sample(i, bool(metacell[j]), self.cfg.context_genes,
+                                     int(group[j]), int(pseudo[j]), float(weight[j]))
+                n_expr[j] = sample.n_expr
+                encoded[j] = encode_sample(sample, self.zstd)
+            del rows
         path = self.out_dir / shard_name(stream, index)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic.atomic_path(path) as tmp:
@@ -543,14 +487,8 @@ class Packer:
                 out = _HashingWriter(f)
                 with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                     tar.copybufsize = 1 << 24  # one write per member
-                    for j in range(cells.shape[0]):
-                        sample = parts[int(ds_of[j])].sample(
-                            int(index_in_ds[j]), bool(metacell[j]), self.cfg.context_genes,
-                            int(group[j]), int(pseudo[j]), float(weight[j]),
-                        )
-                        n_expr[j] = sample.n_expr
-                        _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}",
-                                    encode_sample(sample, self.zstd))
+                    for j, body in enumerate(encoded):
+                        _add_member(tar, f"{sample_key(start + j)}.{SAMPLE_EXT}", body)
                         self._count_for_fault()
             rec = {"path": shard_name(stream, index), "n_samples": end - start,
                    "bytes": out.n, "sha256": out.hash.hexdigest(),
@@ -558,7 +496,7 @@ class Packer:
                              "n_above_context": int((n_expr > self.cfg.context_genes).sum()),
                              "n_metacells": int(metacell.sum())}}
             atomic.write_text(sdir / "done" / f"{index:06d}.json", json.dumps(rec, sort_keys=True))
-        del parts
+        del encoded
         _release_heap()
         return rec
 
@@ -628,17 +566,31 @@ def _pack_in_worker(stream: str, index: int) -> dict:
     return _WORKER.pack(stream, index)
 
 
-def pack_all(plan_dir: Path, out_dir: Path, streams: list[str], jobs: int, mp_context,
-             progress) -> dict[str, list]:
-    """Build every shard of the plan's ``streams`` (in ``jobs`` processes when > 1); return
-    their records by stream. Shards already done are checked and kept; shards of other streams
-    (an earlier configuration, epochs no longer asked for) are removed.
-
-    ``progress(total, desc)`` returns a tqdm-like bar.
-    """
-    atomic.remove_stale_tmp(out_dir / "shards")
-    packer = Packer(plan_dir, out_dir)
+def shard_tasks(packer: Packer, streams: list[str], num_machines: int = 1,
+                machine_index: int = 0) -> list[tuple[str, int]]:
+    """The (stream, shard) pairs machine ``machine_index`` of ``num_machines`` packs: a
+    contiguous range of the plan's shards in stream order, the ranges of all machines disjoint
+    and covering every shard."""
     tasks = [(stream, i) for stream in streams for i in range(packer.n_shards(stream))]
+    lo = len(tasks) * machine_index // num_machines
+    return tasks[lo:len(tasks) * (machine_index + 1) // num_machines]
+
+
+def pack_all(plan_dir: Path, out_dir: Path, streams: list[str], jobs: int, mp_context,
+             progress, num_machines: int = 1, machine_index: int = 0) -> dict[str, list]:
+    """Build the shards of the plan's ``streams`` (in ``jobs`` processes when > 1); return
+    their records by stream. Shards already done are checked and kept.
+
+    With ``num_machines`` > 1 this machine packs only its range of shards (``shard_tasks``),
+    while the others may be packing theirs into the same folder; otherwise it packs all of them
+    and removes what a killed or earlier run left behind: temporaries and shards of other streams
+    (an earlier configuration, epochs no longer asked for). ``progress(total, desc)`` returns a
+    tqdm-like bar.
+    """
+    if num_machines == 1:
+        atomic.remove_stale_tmp(out_dir / "shards")
+    packer = Packer(plan_dir, out_dir)
+    tasks = shard_tasks(packer, streams, num_machines, machine_index)
     records: dict[tuple[str, int], dict] = {}
     bar = progress(len(tasks), "pack shards")
     if jobs <= 1:
@@ -656,6 +608,39 @@ def pack_all(plan_dir: Path, out_dir: Path, streams: list[str], jobs: int, mp_co
                 records[key] = fut.result()
                 bar.update(1)
     bar.close()
+    if num_machines == 1:
+        _remove_extra_shards(out_dir, {rec["path"] for rec in records.values()})
+    return {stream: [records[k, i] for k, i in tasks if k == stream] for stream in streams}
+
+
+def packed_shards(plan_dir: Path, out_dir: Path, streams: list[str],
+                  num_machines: int = 1) -> dict[str, list]:
+    """The records of every shard of ``streams``, once all machines have packed theirs (each
+    shard's file there with the size its record says; the sha256 was checked as it was
+    written). Raises ValueError naming the missing shards and the machines that pack them.
+    Then removes the temporaries and shards of other streams left in the folder."""
+    packer = Packer(plan_dir, out_dir)
+    tasks = shard_tasks(packer, streams)
+    records, missing = {}, []
+    for stream, i in tasks:
+        side = plan_dir / stream / "done" / f"{i:06d}.json"
+        path = out_dir / shard_name(stream, i)
+        rec = json.loads(side.read_text()) if side.exists() else None
+        if rec is None or not path.exists() or path.stat().st_size != rec["bytes"]:
+            missing.append((stream, i))
+            continue
+        records[stream, i] = rec
+    if missing:
+        lost = set(missing)
+        machines = [m for m in range(num_machines)
+                    if lost & set(shard_tasks(packer, streams, num_machines, m))]
+        names = ", ".join(shard_name(s, i) for s, i in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise ValueError(f"{len(missing)} of {len(tasks)} shards are not packed yet: {names}"
+                         f"{more} (packed by machine{'s' if len(machines) > 1 else ''} "
+                         f"{', '.join(map(str, machines))} of {num_machines}; run the pack "
+                         "stage there first)")
+    atomic.remove_stale_tmp(out_dir / "shards")
     _remove_extra_shards(out_dir, {rec["path"] for rec in records.values()})
     return {stream: [records[k, i] for k, i in tasks if k == stream] for stream in streams}
 

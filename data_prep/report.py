@@ -32,49 +32,49 @@ MAX_PX = 4000  # no figure is larger than this on a side, whatever the build's s
 EXTREMES = 10  # datasets listed at each end when there are too many to list all
 
 
-def collect(loaded, datasets, group, target, pool, nnz, train, draws, labels, context: int,
-            epochs: list[dict]) -> dict:
-    """Numbers behind the figures. O(cells) arrays in, small tables out.
+def collect(*, corpus: dict, group_before: np.ndarray, group_after: np.ndarray,
+            target: np.ndarray, class_after: dict, train: list[dict], labels, context: int,
+            epochs: list[dict], datasets: list[dict]) -> dict:
+    """Numbers behind the figures, from the plan's corpus-wide counts (small tables, no per-cell
+    arrays).
 
-    ``target`` is the group target of the whole packed stream (the mean of the epochs' targets,
-    whose gammas differ), ``train`` the train shard records of all epochs, ``draws`` how many
-    times each cell was drawn over all epochs, ``epochs`` the manifest's per-epoch entries.
+    ``corpus`` is the plan's corpus.json (expressed-genes histogram of the input cells, label
+    counts of the training cells: unknown first, then by label id), ``group_before`` the
+    training cells per group, ``group_after`` the samples per group over all epochs,
+    ``class_after`` their label counts, ``target`` the group target of the whole packed stream
+    (the mean of the epochs' targets, whose gammas differ), ``train`` the train shard records of
+    all epochs, ``epochs`` the manifest's per-epoch entries, ``datasets`` name, organism, cells
+    and clusters of each.
     """
-    n_total = group.shape[0]
     n_stream = max(1, sum(s["n_samples"] for s in train))
     after_hist = np.sum([s["stats"]["n_expr_hist"] for s in train], axis=0) if train else None
-    n_groups = int(group.max()) + 1 if n_total else 0
+    n_groups = group_before.shape[0]
     classes = {}
-    for j, cls in enumerate(CLASSES):
+    for cls in CLASSES:
         n_labels = len(labels.values(cls))
-        before = np.zeros(n_labels + 1)  # last slot: unknown
-        after = np.zeros(n_labels + 1)
-        for x, d in zip(loaded, datasets):
-            sl = slice(d.offset, d.offset + d.n_cells)
-            ids = x.label_map[j, np.asarray(x.ds.label_codes[:, j]) + 1]
-            ids = np.where(ids < 0, n_labels, ids)
-            before += np.bincount(ids[pool[sl]], minlength=n_labels + 1)
-            after += np.bincount(ids, weights=draws[sl], minlength=n_labels + 1)
-        classes[cls] = {"names": [*labels.values(cls), "(unknown)"],
-                        "before": before / max(1, before.sum()),
-                        "after": after / max(1, after.sum())}
+        shares = []
+        for counts in (corpus["classes"][cls], class_after[cls]):
+            c = np.zeros(n_labels + 1)  # by label id, then unknown
+            c[:len(counts) - 1] = counts[1:]
+            c[n_labels] = counts[0]
+            shares.append(c / max(1, c.sum()))
+        classes[cls] = {"names": [*labels.values(cls), "(unknown)"], "before": shares[0],
+                        "after": shares[1]}
     return {
         "context": context,
-        "before_hist": np.histogram(nnz, N_EXPR_EDGES)[0],
+        "before_hist": np.asarray(corpus["nnz_hist"]),
         "after_hist": after_hist,
-        "share_above_before": round(float((nnz > context).mean()), 6),
+        "share_above_before": round(corpus["n_above_context"] / max(1, corpus["n_cells"]), 6),
         "share_above_after": round(sum(s["stats"]["n_above_context"] for s in train) / n_stream,
                                    6),
         "n_stream": n_stream,
         "n_metacells": int(sum(s["stats"]["n_metacells"] for s in train)),
-        "group_before": np.bincount(group[pool], minlength=n_groups) / max(1, pool.sum()),
+        "group_before": group_before / max(1, group_before.sum()),
         "group_target": np.pad(target, (0, n_groups - target.shape[0])),
-        "group_after": np.bincount(group, weights=draws, minlength=n_groups) / n_stream,
+        "group_after": np.pad(group_after, (0, n_groups - group_after.shape[0])) / n_stream,
         "epochs": epochs,
         "classes": classes,
-        "datasets": [{"name": x.rec.name, "organism": x.ds.organism.name or x.ds.organism.curie,
-                      "n_cells": x.ds.n_cells, "n_clusters": int(x.graph_meta.get("n_clusters", 0))}
-                     for x in loaded],
+        "datasets": datasets,
     }
 
 

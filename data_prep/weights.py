@@ -78,35 +78,39 @@ def group_ids(keys) -> tuple[np.ndarray, np.ndarray]:
     return ids.reshape(-1).astype(np.int64), keys[first]
 
 
-def cell_probabilities(
-    group_ids,
-    nnz,
+def pair_probabilities(
+    pair_group,
+    n_cells,
+    depth_sum,
     multiplier=None,
     S: float = GROUP_SCALE,
     gamma: float = 1.0,
-    scale: float = DEPTH_SCALE,
-    slope: float = DEPTH_SLOPE,
-    midpoint: float = DEPTH_MIDPOINT,
 ) -> np.ndarray:
-    """Per-cell draw probability (float64, sums to 1), see the module docstring.
+    """Draw probability of each (group, dataset) pair (float64, sums to 1), see the module
+    docstring: the corpus enters only through per-pair sums, so the plan never holds a per-cell
+    array of the whole corpus. A cell ``i`` of pair ``p`` then has probability
+    ``P(p) * w_i / depth_sum[p]``.
 
-    ``multiplier`` (per cell, >= 0; usually one value per dataset broadcast to its cells) scales
-    each cell's mass before the final renormalisation, so a dataset with multiplier 2 gets twice
-    the mass relative to the others (its share of the stream grows accordingly); 0 removes it.
+    ``pair_group`` is each pair's group, ``n_cells`` its training cells (> 0) and ``depth_sum``
+    the sum of their depth weights ``w_i``. ``multiplier`` (per pair, >= 0; the dataset's)
+    scales each cell's mass before the final renormalisation, so a dataset with multiplier 2
+    gets twice the mass relative to the others (its share of the stream grows accordingly);
+    0 removes it.
     """
-    gid = np.asarray(group_ids, dtype=np.int64)
-    w = depth_weight(nnz, scale=scale, slope=slope, midpoint=midpoint)
-    if gid.shape != w.shape or gid.ndim != 1:
-        raise ValueError(f"group_ids {gid.shape} and nnz {w.shape} must be 1-D of one length")
+    gid = np.asarray(pair_group, dtype=np.int64)
+    n = np.asarray(n_cells, dtype=np.float64)
+    w = np.asarray(depth_sum, dtype=np.float64)
+    if not gid.shape == n.shape == w.shape or gid.ndim != 1:
+        raise ValueError(f"pair_group {gid.shape}, n_cells {n.shape} and depth_sum {w.shape} "
+                         "must be 1-D of one length")
     if gid.size == 0:
         return np.zeros(0, dtype=np.float64)
-    if gid.min() < 0:
-        raise ValueError("group ids must be >= 0")
+    if gid.min() < 0 or (n <= 0).any():
+        raise ValueError("group ids must be >= 0 and every pair must have cells")
     n_groups = int(gid.max()) + 1
-    n_c = np.bincount(gid, minlength=n_groups)
+    n_c = np.bincount(gid, weights=n, minlength=n_groups)
     mass = np.where(n_c > 0, group_weight(n_c, S=S, gamma=gamma), 0.0)
-    within = w / np.bincount(gid, weights=w, minlength=n_groups)[gid]
-    p = mass[gid] * within
+    p = mass[gid] * w / np.bincount(gid, weights=w, minlength=n_groups)[gid]
     if multiplier is not None:
         mult = np.broadcast_to(np.asarray(multiplier, dtype=np.float64), p.shape)
         if (mult < 0).any() or not np.isfinite(mult).all():
@@ -118,7 +122,9 @@ def cell_probabilities(
     return p / total
 
 
-def group_probabilities(group_ids, probabilities) -> np.ndarray:
-    """Total probability of each group (the target frequency of a group in the drawn stream)."""
+def group_probabilities(group_ids, probabilities, n_groups: int = 0) -> np.ndarray:
+    """Total probability of each group (the target frequency of a group in the drawn stream),
+    from the probabilities of its cells or (group, dataset) pairs."""
     gid = np.asarray(group_ids, dtype=np.int64)
-    return np.bincount(gid, weights=np.asarray(probabilities, dtype=np.float64))
+    return np.bincount(gid, weights=np.asarray(probabilities, dtype=np.float64),
+                       minlength=n_groups)

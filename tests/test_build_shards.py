@@ -351,6 +351,38 @@ def test_two_machines_and_merge_equal_a_single_run(build, merged):
     assert _shard_bytes(merged) == _shard_bytes(build["out"])
 
 
+def test_packing_split_over_three_machines_equals_a_single_run(build, merged):
+    """The merge's plan, then three pack machines (one of them twice: a rerun keeps its
+    shards), then the manifest: manifest and shards byte-identical to the one-machine build;
+    the manifest stage names the shards a machine has not packed yet."""
+    parts = [build["root"] / f"part{i}" for i in range(2)]
+    out = build["root"] / "packed_by_three"
+
+    def merge(*args, check=True):
+        return _cli("data_prep.merge", *parts, "--out", out, "--quiet", *args, check=check)
+
+    merge("--stage", "plan")
+    for i in (0, 2, 2):
+        merge("--stage", "pack", "--num-machines", 3, "--machine-index", i, "--jobs", 2)
+    early = merge("--stage", "manifest", "--num-machines", 3, check=False)
+    assert early.returncode == 1
+    assert ("2 of 6 shards are not packed yet: shards/train-e0001-000000.tar, "
+            "shards/train-e0001-000001.tar (packed by machine 1 of 3" in early.stderr)
+    assert not (out / "manifest.json").exists()
+    merge("--stage", "pack", "--num-machines", 3, "--machine-index", 1)
+    merge("--stage", "manifest", "--num-machines", 3)
+    assert (out / "manifest.json").read_bytes() == (build["out"] / "manifest.json").read_bytes()
+    assert _shard_bytes(out) == _shard_bytes(build["out"])
+
+
+def test_cluster_script_is_valid_bash(repo_root):
+    script = repo_root / "scripts" / "slurm_build.sh"
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    text = script.read_text()
+    for step in ("data_prep.build_shards", "--stage plan", "--stage pack", "--stage manifest"):
+        assert step in text
+
+
 def test_verify_detects_corruption(merged):
     assert _cli("data_prep.verify", merged).returncode == 0
     shard = merged / load_manifest(merged)["shards"][1]["path"]

@@ -1,10 +1,9 @@
-"""Unit tests of the packing primitives: sample alignment, shard cutting, stream draws."""
+"""Unit tests of the packing primitives: sample alignment, shard cutting, row reads."""
 
 import numpy as np
 import pytest
 
 from data_prep import pack
-from data_prep.weights import group_probabilities
 
 
 def _genes(col2gid):
@@ -112,26 +111,10 @@ def test_held_out_cells_whole_datasets_and_fractions():
         pack.check_pack_config(pack.PackConfig(metacell_fraction=1.5), [])
 
 
-def test_epoch_seeds_and_draws_differ():
+def test_epoch_seeds_differ():
     seeds = [pack.epoch_seed(7, e) for e in range(5)]
     assert len(set(seeds)) == 5 and seeds == [pack.epoch_seed(7, e) for e in range(5)]
     assert pack.epoch_seed(8, 0) not in seeds
-    prob = np.full(1000, 1e-3)
-    a, _ = pack.draw_stream(prob, 500, 0.0, seeds[0])
-    b, _ = pack.draw_stream(prob, 500, 0.0, seeds[1])
-    assert (a != b).mean() > 0.9
-
-
-def test_draw_stream_follows_probabilities():
-    prob = np.array([0.5, 0.3, 0.2, 0.0])
-    cells, meta = pack.draw_stream(prob, 50_000, 0.25, seed=1)
-    assert meta.sum() == 12_500 and (cells != 3).all()
-    freq = np.bincount(cells, minlength=4) / cells.size
-    assert 0.5 * np.abs(freq - prob).sum() < 0.01
-    again = pack.draw_stream(prob, 50_000, 0.25, seed=1)
-    np.testing.assert_array_equal(cells, again[0])
-    np.testing.assert_array_equal(meta, again[1])
-    assert group_probabilities(np.array([0, 0, 1, 1]), prob)[0] == pytest.approx(0.8)
 
 
 def test_npy_rows_reads_what_a_load_would(tmp_path):

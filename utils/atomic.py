@@ -78,3 +78,43 @@ def remove_stale_tmp(directory: str | Path) -> None:
         for p in directory.glob(".*.tmp"):
             if p.is_file():
                 p.unlink(missing_ok=True)
+
+
+class NpyAppender:
+    """A 1-D ``.npy`` file written in pieces, for arrays too large to hold: ``append`` chunks,
+    then ``close`` writes the header for the final length and renames the file into place (a
+    reader or a rerun never sees a partial file). The header's space is reserved up front, so
+    nothing is copied at the end."""
+
+    HEADER_BYTES = 128  # magic + length + dict of a 1-D array of any length, space-padded
+
+    def __init__(self, path: str | Path, dtype):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self.tmp = tmp_name(self.path)
+        self.f = open(self.tmp, "wb")
+        self.f.write(b"\0" * self.HEADER_BYTES)
+        self.n = 0
+
+    def append(self, chunk: np.ndarray) -> None:
+        chunk = np.ascontiguousarray(chunk, dtype=self.dtype)
+        self.f.write(chunk.data)
+        self.n += chunk.shape[0]
+
+    def close(self) -> None:
+        """The header for ``n`` rows, then the rename."""
+        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype),
+                       "fortran_order": False, "shape": (self.n,)})
+        room = self.HEADER_BYTES - 10  # magic (6) + version (2) + header length (2)
+        if len(header) + 1 > room:
+            raise ValueError(f"{self.path}: npy header of {len(header)} bytes does not fit")
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little")
+                     + (header.ljust(room - 1) + "\n").encode("latin1"))
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
