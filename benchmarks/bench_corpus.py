@@ -72,8 +72,8 @@ def make_corpus(data: Path, work: Path, n_datasets: int, n_cells: int, n_genes: 
     import anndata as ad
     import numpy as np
 
-    from data_prep import atomic
     from data_prep.derive import derive_file
+    from utils import atomic
 
     corpus = work / f"corpus_{n_datasets}x{n_cells}x{n_genes}"
     if (corpus / "done").exists():

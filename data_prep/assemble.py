@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import atomic, pack, report
 from data_prep import manifest as manifest_mod
+from data_prep import pack, report
 from data_prep.config import BuildConfig
 from data_prep.genes import SymbolMap
 from data_prep.ingest import IngestedDataset
@@ -34,6 +34,7 @@ from data_prep.shard_format import CLASSES
 from data_prep.stream import DatasetCells, PairTable, StreamWriter, draw_stream
 from data_prep.vocab import GeneVocab
 from data_prep.weights import depth_weight, group_ids
+from utils import atomic
 
 log = logging.getLogger("data_prep")
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import atomic
 from data_prep.pack import shard_bounds
 from data_prep.weights import GROUP_SCALE, group_probabilities, pair_probabilities
+from utils import atomic
 
 # Samples per bucket of the external shuffle (on average): 21 MiB of records in memory at once.
 BUCKET_SAMPLES = 1 << 20

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_prep import pack, stream
-from data_prep.atomic import NpyAppender
+from utils.atomic import NpyAppender
 
 
 def _corpus():
