@@ -643,14 +643,8 @@ def read_gene_vocab(directory: str | Path) -> tuple[dict[str, OrganismRange], di
     for curie, o in sorted(saved["organisms"].items(), key=lambda kv: kv[1]["start"]):
         organism = Organism(int(o["taxon"]), curie, o["name"])
         ranges[curie] = OrganismRange(organism, int(o["start"]), int(o["size"]))
-    if not rows or rows[0] != GENES_HEADER:
-        raise ValueError(f"{d / GENES_FILE}: missing header 'id<TAB>organism<TAB>gene'")
-    for n, line in enumerate(rows[1:], start=2):
-        try:
-            gid, curie, gene = line.split("\t")
-            r = ranges[curie]
-        except (ValueError, KeyError):
-            raise ValueError(f"{d / GENES_FILE}, line {n}: malformed row {line!r}") from None
+    for n, (gid, r, gene) in _vocab_rows(d / GENES_FILE, rows, GENES_HEADER, (0, 1, 2),
+                                         ranges):
         if int(gid) != r.start + len(r.genes):
             raise ValueError(f"{d / GENES_FILE}, line {n}: id {gid} out of sequence")
         r.index[gene] = int(gid)
@@ -668,17 +662,27 @@ def _read_aliases(path: Path, ranges: dict[str, OrganismRange]) -> None:
     if not path.is_file():
         return
     rows = path.read_text(encoding="utf-8").splitlines()
-    if not rows or rows[0] != ALIASES_HEADER:
-        raise ValueError(f"{path}: missing header 'organism<TAB>alias<TAB>gene'")
-    for n, line in enumerate(rows[1:], start=2):
-        try:
-            curie, alias, gene = line.split("\t")
-            r = ranges[curie]
-        except (ValueError, KeyError):
-            raise ValueError(f"{path}, line {n}: malformed row {line!r}") from None
+    for n, (alias, r, gene) in _vocab_rows(path, rows, ALIASES_HEADER, (1, 0, 2), ranges):
         if gene not in r.index:
-            raise ValueError(f"{path}, line {n}: {gene!r} is not a gene of {curie}")
+            raise ValueError(f"{path}, line {n}: {gene!r} is not a gene of "
+                             f"{r.organism.curie}")
         r.aliases[alias] = gene
+
+
+def _vocab_rows(path: Path, rows: list[str], header: str, order: tuple[int, int, int],
+                ranges: dict[str, OrganismRange]):
+    """The rows of a 3-column vocabulary TSV after its header line, as (line number, (first,
+    organism range, last)): ``order`` gives the columns of the first field, the organism CURIE
+    and the last field. A wrong header, a row of another width or an unknown organism is an
+    error naming the file and line."""
+    if not rows or rows[0] != header:
+        raise ValueError(f"{path}: missing header {header.replace(chr(9), '<TAB>')!r}")
+    first, organism, last = order
+    for n, line in enumerate(rows[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 3 or fields[organism] not in ranges:
+            raise ValueError(f"{path}, line {n}: malformed row {line!r}")
+        yield n, (fields[first], ranges[fields[organism]], fields[last])
 
 
 def read_labels(path: str | Path) -> dict:
