@@ -127,9 +127,6 @@ def _plan_corpus(out: Path, ok: list[DatasetRecord], cfg: BuildConfig, symbols: 
     pdir.mkdir(parents=True, exist_ok=True)
     (pdir / "plan.json").unlink(missing_ok=True)
     vocab, labels = _vocabularies(cfg, ok, symbols)
-    n_total = sum(IngestedDataset.load(r.ingest_dir).n_cells for r in ok)
-    if n_total == 0:
-        raise ValueError("no cells left to pack: every dataset was rejected or empty")
     group_file = atomic.NpyAppender(pdir / "group.npy", np.int32)
     pseudo_file = atomic.NpyAppender(pdir / "pseudo.npy", np.int32)
     eval_stream = StreamWriter(pdir / pack.EVAL, cfg.pack.shard_samples,
@@ -162,6 +159,8 @@ def _plan_corpus(out: Path, ok: list[DatasetRecord], cfg: BuildConfig, symbols: 
         offset += n
     group_file.close()
     pseudo_file.close()
+    if offset == 0:  # plan.json is not written, so nothing of this half-made plan is used
+        raise ValueError("no cells left to pack: every dataset was rejected or empty")
     table = PairTable.concat(tables)
     if table.n_pool == 0:
         raise ValueError("no training cells: every dataset or cell is held out for evaluation")
@@ -172,7 +171,7 @@ def _plan_corpus(out: Path, ok: list[DatasetRecord], cfg: BuildConfig, symbols: 
     n_groups = len(labels.values("groups"))
     atomic.save_npy(pdir / "group_before.npy", counts.groups(n_groups))
     atomic.write_text(pdir / CORPUS_FILE, json.dumps(
-        {"n_groups": n_groups, "n_cells": n_total, "nnz_hist": counts.hist.tolist(),
+        {"n_groups": n_groups, "n_cells": offset, "nnz_hist": counts.hist.tolist(),
          "n_above_context": counts.above, "classes": counts.class_lists()}))
     pack.save_plan(pdir, cfg.pack, datasets, fingerprint)
 
