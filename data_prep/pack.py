@@ -441,14 +441,17 @@ class Packer:
     def n_shards(self, stream: str) -> int:
         return np.load(self.plan_dir / stream / "bounds.npy").shape[0] - 1
 
-    def done_record(self, stream: str, index: int) -> dict | None:
-        """The record of a finished shard, or None if it must be (re)built."""
+    def done_record(self, stream: str, index: int, check_hash: bool = True) -> dict | None:
+        """The record of a finished shard, or None if it must be (re)built. ``check_hash``
+        reads the shard to compare its sha256 too (the pack stage does; the manifest stage,
+        after the packers checked it as they wrote, compares sizes only)."""
         path = self.out_dir / shard_name(stream, index)
         side = self.plan_dir / stream / "done" / f"{index:06d}.json"
         if not path.exists() or not side.exists():
             return None
         rec = json.loads(side.read_text())
-        if path.stat().st_size != rec["bytes"] or file_sha256(path) != rec["sha256"]:
+        if path.stat().st_size != rec["bytes"] or (
+                check_hash and file_sha256(path) != rec["sha256"]):
             return None
         return rec
 
@@ -623,13 +626,11 @@ def packed_shards(plan_dir: Path, out_dir: Path, streams: list[str],
     tasks = shard_tasks(packer, streams)
     records, missing = {}, []
     for stream, i in tasks:
-        side = plan_dir / stream / "done" / f"{i:06d}.json"
-        path = out_dir / shard_name(stream, i)
-        rec = json.loads(side.read_text()) if side.exists() else None
-        if rec is None or not path.exists() or path.stat().st_size != rec["bytes"]:
+        rec = packer.done_record(stream, i, check_hash=False)
+        if rec is None:
             missing.append((stream, i))
-            continue
-        records[stream, i] = rec
+        else:
+            records[stream, i] = rec
     if missing:
         lost = set(missing)
         machines = [m for m in range(num_machines)
