@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) benchmarks/bench_quality.py --out $(DEMO_OUT) \
 		--train-sheet data/demo_sheet.csv --ranks 1 --steps 300 --context 512 --batch-size 16
 	@echo "shard report: $(DEMO_OUT)/shards/report/summary.txt (plots beside it)"
-	@echo "training run: $(DEMO_OUT)/run (tensorboard --logdir $(DEMO_OUT)/run/tb)"
+	@echo "training run: $(DEMO_OUT)/seed0/run (tensorboard --logdir $(DEMO_OUT)/seed0/run/tb)"
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -2,7 +2,8 @@
 against simple baselines computed in the same run.
 
     python benchmarks/bench_quality.py [--out DIR] [--steps 600] [--ranks 2] [--context 1024]
-        [--batch-size 16] [--model tiny] [--held-out FILE --held-out-label COLUMN] [--doc PATH]
+        [--batch-size 16] [--model tiny] [--seeds 0 1 2]
+        [--held-out FILE --held-out-label COLUMN] [--doc PATH]
 
 What it does, all on real cells (the Kang et al. 2018 PBMC file of data/, 13 cell types, control
 and interferon-stimulated cells of the same donors):
@@ -26,6 +27,11 @@ and interferon-stimulated cells of the same donors):
    counts over its context genes, as the model's ZINB mean is).
 5. Prints the table, and writes it with a 2-D t-SNE picture of the STIM cells' embedding
    (trained vs random initialisation, coloured by cell type) to ``--doc`` and beside it.
+
+With several ``--seeds`` every step that involves the model (training, export, random
+initialisation, embedding, scores) runs once per seed (initial weights and data stream); the
+table gives each model row's mean +- standard deviation and every seed's value, since one short
+run on ~1,300 cells moves by a few points from seed to seed. The baselines are deterministic.
 
 Nothing leaks: the STIM cells and the held-out dataset are in no shard; the probes and
 baselines fit on the training cells (a) or within folds of the held-out dataset (b).
@@ -130,14 +136,14 @@ def build_shards(sheet: Path, out: Path, context: int, extra: str) -> Path:
     return shards
 
 
-def train(args, shards: Path, run: Path) -> float:
+def train(args, shards: Path, run: Path, seed: int) -> float:
     """The trainer with the preset's recipe; returns wall-clock seconds."""
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node",
            str(args.ranks), "pretrain/train.py", "--deepspeed_config", "ds_configs/zero2.json",
            "--shards", str(shards), "--out", str(run), "--model", args.model,
            "--max-steps", str(args.steps), "--context", str(args.context),
-           "--batch-size", str(args.batch_size), "--eval-every", "0", "--log-every", "25",
-           *shlex.split(args.trainer_args)]
+           "--batch-size", str(args.batch_size), "--seed", str(seed), "--eval-every", "0",
+           "--log-every", "25", *shlex.split(args.trainer_args)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
@@ -145,13 +151,13 @@ def train(args, shards: Path, run: Path) -> float:
     return time.perf_counter() - start
 
 
-def save_random_init(trained: Path, out: Path) -> Path:
-    """The trained file's model at initialisation (same config, vocabularies and seed 0)."""
+def save_random_init(trained: Path, out: Path, seed: int) -> Path:
+    """The trained file's model at initialisation (same config, vocabularies and seed)."""
     from pretrain.export import load_model_file, write_model_file
     from pretrain.model import ScPrintModel
 
     exported = load_model_file(trained)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = ScPrintModel(exported.config, exported.vocab.n_ids,
                          {c: len(v) for c, v in exported.labels.items()})
     return write_model_file(out, model.state_dict(), exported.config, exported.vocab,
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="one training run (and random initialisation) per seed")
     p.add_argument("--build-args", default="", help="more data_prep.build_shards options, quoted "
                    "(e.g. \"--metacell-fraction 0\" for a short run on single cells)")
     p.add_argument("--trainer-args", default="", help="more pretrain/train.py options, quoted")
@@ -287,93 +295,154 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if bool(args.held_out) != bool(args.held_out_label):
         p.error("--held-out and --held-out-label go together")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error("--seeds: each seed once")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from pretrain.embed import embed_anndata
-    from pretrain.export import export, load_model_file
-
     ctrl, stim = split_pbmc(out)
     shards = build_shards(training_sheet(ctrl, args.train_sheet, out), out, args.context,
                           args.build_args)
-    run = out / "run"
-    seconds = train(args, shards, run)
-    trained_file = export(run, out / "model.pt")
-    random_file = save_random_init(trained_file, out / "model_random_init.pt")
-    print(f"trained {args.model} for {args.steps} steps on {args.ranks} ranks in {seconds:.0f} s")
-
     x_ctrl, y_ctrl = read_counts(ctrl, LABEL)
     x_stim, y_stim = read_counts(stim, LABEL)
-    rows: list[tuple[str, str, str, float, float]] = []  # (setting, method, metric, acc, f1)
-
-    def add(setting, method, pred, truth):
-        rows.append((setting, method, *accuracy_f1(truth, pred)))
-
     a = "(a) CTRL -> STIM"
-    add(a, "majority class", majority_predict(y_ctrl, len(y_stim)), y_stim)
-    add(a, "logistic regression, log-normalised counts", logreg_predict(x_ctrl, y_ctrl, x_stim),
-        y_stim)
-    add(a, "kNN on PCA-50", pca_knn_predict(x_ctrl, y_ctrl, x_stim), y_stim)
-    models = {"model": load_model_file(trained_file),
-              "random init": load_model_file(random_file)}
-    embeddings = {}
-    for name, model in models.items():
-        e_ctrl = embed_anndata(model, ctrl)
-        e_stim = embed_anndata(model, stim)
-        embeddings[name] = e_stim.obsm["X_scpretrain"]
-        add(a, f"{name}: head", e_stim.obs[f"predicted_{LABEL}"].astype(str).to_numpy(), y_stim)
-        add(a, f"{name}: kNN probe on the embedding",
-            knn_predict(e_ctrl.obsm["X_scpretrain"], y_ctrl, e_stim.obsm["X_scpretrain"]),
-            y_stim)
-
-    recon = denoising(models, stim, gene_shares(models["model"], ctrl), seed=0)
+    scores = Scores()
+    scores.add(a, "majority class", majority_predict(y_ctrl, len(y_stim)), y_stim)
+    scores.add(a, "logistic regression, log-normalised counts",
+               logreg_predict(x_ctrl, y_ctrl, x_stim), y_stim)
+    scores.add(a, "kNN on PCA-50", pca_knn_predict(x_ctrl, y_ctrl, x_stim), y_stim)
     if args.held_out:
-        rows += held_out_rows(Path(args.held_out), args.held_out_label,
-                              {"model": trained_file, "random init": random_file})
+        held_out_baselines(scores, Path(args.held_out), args.held_out_label)
 
-    table = format_table(rows, recon)
+    recon: dict[str, list[float]] = {}
+    seconds, embeddings = [], {}
+    for seed in args.seeds:
+        files, took = trained_and_random(args, shards, out / f"seed{seed}", seed)
+        seconds.append(took)
+        stim_embeddings = score_models(scores, files, ctrl, stim, y_ctrl, y_stim)
+        embeddings = embeddings or stim_embeddings  # the picture shows the first seed
+        models = {name: load_model_file(f) for name, f in files.items()}
+        for name, r in denoising(models, stim, gene_shares(models["model"], ctrl),
+                                 seed=0).items():
+            recon.setdefault(name, []).append(r)
+        if args.held_out:
+            held_out_models(scores, Path(args.held_out), args.held_out_label, files)
+
+    table = format_table(scores, recon)
     print(table)
     if args.doc:
-        write_doc(Path(args.doc), args, table, embeddings, y_stim, seconds)
+        write_doc(Path(args.doc), args, table, embeddings, y_stim, float(np.mean(seconds)))
 
 
-def held_out_rows(path: Path, label: str, models: dict[str, Path]) -> list[tuple]:
-    """(b): 5-fold cross-validated probes within a dataset no model trained on."""
-    from sklearn.model_selection import StratifiedKFold
+def trained_and_random(args, shards: Path, out: Path, seed: int) -> tuple[dict[str, Path], float]:
+    """Train with ``seed``, export; the same network at its initialisation beside it."""
+    from pretrain.export import export
 
+    seconds = train(args, shards, out / "run", seed)
+    trained = export(out / "run", out / "model.pt")
+    random_init = save_random_init(trained, out / "model_random_init.pt", seed)
+    print(f"seed {seed}: trained {args.model} for {args.steps} steps on {args.ranks} ranks in "
+          f"{seconds:.0f} s")
+    return {"model": trained, "random init": random_init}, seconds
+
+
+def load_model_file(path: Path):
+    from pretrain.export import load_model_file as load
+
+    return load(path)
+
+
+class Scores:
+    """(setting, method) -> one (accuracy, macro-F1) per run, in the order rows were added."""
+
+    def __init__(self):
+        self.rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+
+    def add(self, setting: str, method: str, pred: np.ndarray, truth: np.ndarray) -> None:
+        self.rows.setdefault((setting, method), []).append(accuracy_f1(truth, pred))
+
+
+def score_models(scores: Scores, files: dict[str, Path], ctrl: Path, stim: Path,
+                 y_ctrl: np.ndarray, y_stim: np.ndarray) -> dict[str, np.ndarray]:
+    """(a) for each model file: its head and a kNN probe on its embedding (fitted on the CTRL
+    cells' embedding); returns the STIM cells' embeddings."""
     from pretrain.embed import embed_anndata
-    from pretrain.export import load_model_file
+
+    a, embeddings = "(a) CTRL -> STIM", {}
+    for name, file in files.items():
+        model = load_model_file(file)
+        e_ctrl, e_stim = embed_anndata(model, ctrl), embed_anndata(model, stim)
+        embeddings[name] = e_stim.obsm["X_scpretrain"]
+        scores.add(a, f"{name}: head", e_stim.obs[f"predicted_{LABEL}"].astype(str).to_numpy(),
+                   y_stim)
+        scores.add(a, f"{name}: kNN probe on the embedding",
+                   knn_predict(e_ctrl.obsm["X_scpretrain"], y_ctrl, e_stim.obsm["X_scpretrain"]),
+                   y_stim)
+    return embeddings
+
+
+def _held_out_cells(path: Path, label: str):
+    """(b)'s counts, labels, the cells scored (types with >= 5 cells), the setting's name and
+    its 5 folds over those cells (indices into all cells)."""
+    from sklearn.model_selection import StratifiedKFold
 
     x, y = read_counts(path, label)
     keep = np.isin(y, [v for v, n in zip(*np.unique(y, return_counts=True)) if n >= 5])
-    setting = f"(b) {path.name} ({keep.sum()} cells, left out)"
-    features = {"kNN on PCA-50": x, "logistic regression, log-normalised counts": x}
-    heads = {}
-    for name, file in models.items():
+    idx = np.flatnonzero(keep)
+    folds = [(idx[tr], idx[te]) for tr, te in
+             StratifiedKFold(5, shuffle=True, random_state=0).split(x[keep], y[keep])]
+    return x, y, keep, f"(b) {path.name} ({keep.sum()} cells, left out)", folds
+
+
+def _cross_validated(y, keep, folds, fit, features) -> np.ndarray:
+    pred = np.empty(len(y), dtype=object)
+    for tr, te in folds:
+        pred[te] = fit(features[tr], y[tr], features[te])
+    return pred[keep].astype(str)
+
+
+def held_out_baselines(scores: Scores, path: Path, label: str) -> None:
+    """(b)'s baselines, 5-fold cross-validated within the dataset no model trained on."""
+    x, y, keep, setting, folds = _held_out_cells(path, label)
+    majority = lambda tr_x, tr_y, te_x: majority_predict(tr_y, len(te_x))  # noqa: E731
+    for method, fit in [("majority class", majority), ("kNN on PCA-50", pca_knn_predict),
+                        ("logistic regression, log-normalised counts", logreg_predict)]:
+        scores.add(setting, method, _cross_validated(y, keep, folds, fit, x), y[keep])
+
+
+def held_out_models(scores: Scores, path: Path, label: str, files: dict[str, Path]) -> None:
+    """(b) for each model file: a cross-validated kNN probe on its embedding, and its head
+    where the dataset's cell types are ones the head knows."""
+    from pretrain.embed import embed_anndata
+
+    _, y, keep, setting, folds = _held_out_cells(path, label)
+    for name, file in files.items():
         model = load_model_file(file)
         embedded = embed_anndata(model, path)
-        features[f"{name}: kNN probe on the embedding"] = embedded.obsm["X_scpretrain"]
+        scores.add(setting, f"{name}: kNN probe on the embedding",
+                   _cross_validated(y, keep, folds, knn_predict, embedded.obsm["X_scpretrain"]),
+                   y[keep])
         if set(y) & set(model.labels[LABEL]):  # its cell types are ones the head knows
-            heads[f"{name}: head"] = embedded.obs[f"predicted_{LABEL}"].astype(str).to_numpy()
-    preds = {k: np.empty(len(y), dtype=object) for k in ["majority class", *features]}
-    folds = StratifiedKFold(5, shuffle=True, random_state=0).split(x[keep], y[keep])
-    idx = np.flatnonzero(keep)
-    for tr, te in folds:
-        tr, te = idx[tr], idx[te]
-        preds["majority class"][te] = majority_predict(y[tr], len(te))
-        for k, f in features.items():
-            fit = (logreg_predict if k.startswith("logistic") else
-                   pca_knn_predict if k.startswith("kNN on PCA") else knn_predict)
-            preds[k][te] = fit(f[tr], y[tr], f[te])
-    rows = [(setting, k, *accuracy_f1(y[keep], v[keep].astype(str))) for k, v in preds.items()]
-    return rows + [(setting, k, *accuracy_f1(y[keep], v[keep])) for k, v in heads.items()]
+            scores.add(setting, f"{name}: head",
+                       embedded.obs[f"predicted_{LABEL}"].astype(str).to_numpy()[keep], y[keep])
 
 
-def format_table(rows, recon: dict[str, float]) -> str:
+def _figure(values: list[float]) -> str:
+    """One value, or mean +- sd (every run's value) when the runs differ."""
+    if max(values) - min(values) < 5e-4:
+        return f"{values[0]:.3f}"
+    runs = " / ".join(f"{v:.3f}" for v in values)
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} ({runs})"
+
+
+def format_table(scores: Scores, recon: dict[str, list[float]]) -> str:
+    settings = list(dict.fromkeys(s for s, _ in scores.rows))  # each setting's rows together
+    rows = sorted(scores.rows.items(), key=lambda kv: settings.index(kv[0][0]))
     lines = ["| setting | method | accuracy | macro-F1 |", "|---|---|---:|---:|"]
-    lines += [f"| {s} | {m} | {acc:.3f} | {f1:.3f} |" for s, m, acc, f1 in rows]
+    lines += [f"| {s} | {m} | {_figure([r[0] for r in runs])} | "
+              f"{_figure([r[1] for r in runs])} |" for (s, m), runs in rows]
     lines += ["", "| denoising, STIM cells (Pearson of log2(1 + count) at dropped counts) | "
               "Pearson |", "|---|---:|"]
-    lines += [f"| {name} | {r:.3f} |" for name, r in recon.items()]
+    lines += [f"| {name} | {_figure(r)} |" for name, r in recon.items()]
     return "\n".join(lines)
 
 
@@ -404,11 +473,13 @@ def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
         fig.savefig(tmp, format=picture.suffix.lstrip("."))
     plt.close(fig)
     command = shlex.join(["python", "benchmarks/bench_quality.py", *sys.argv[1:]])
+    runs = (f"once per seed ({', '.join(map(str, args.seeds))}), {seconds:.0f} s each on "
+            "average" if len(args.seeds) > 1 else f"in {seconds:.0f} s")
     text = (f"# Held-out quality against baselines\n\n"
             f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} "
             f"cores, no GPU: `{args.model}` trained {args.steps} steps on {args.ranks} CPU "
-            f"ranks, batch {args.batch_size} per rank, context {args.context}, in "
-            f"{seconds:.0f} s; everything else from the preset's recipe.\n\n{table}\n\n"
+            f"ranks, batch {args.batch_size} per rank, context {args.context}, {runs}; "
+            f"everything else from the preset's recipe.\n\n{table}\n\n"
             f"![t-SNE of the STIM cells' embedding]({picture.name})\n\n{READING}")
     old = doc.read_text() if doc.is_file() else ""
     if NOTES in old:  # a hand-written interpretation of earlier runs survives a rerun
