@@ -40,6 +40,7 @@ baselines fit on the training cells (a) or within folds of the held-out dataset 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -137,18 +138,29 @@ def build_shards(sheet: Path, out: Path, context: int, extra: str) -> Path:
 
 
 def train(args, shards: Path, run: Path, seed: int) -> float:
-    """The trainer with the preset's recipe; returns wall-clock seconds."""
+    """The trainer with the preset's recipe; returns wall-clock seconds. A run this command
+    finished before (``RUN/bench_training.json``) is not trained again: a rerun with more
+    seeds or another ``--held-out`` only scores."""
     cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node",
            str(args.ranks), "pretrain/train.py", "--deepspeed_config", "ds_configs/zero2.json",
            "--shards", str(shards), "--out", str(run), "--model", args.model,
            "--max-steps", str(args.steps), "--context", str(args.context),
            "--batch-size", str(args.batch_size), "--seed", str(seed), "--eval-every", "0",
            "--log-every", "25", *shlex.split(args.trainer_args)]
+    done = run / "bench_training.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if record["command"] != cmd:
+            raise SystemExit(f"{run}: trained by another command ({shlex.join(record['command'])})"
+                             "; give a new --out")
+        return float(record["seconds"])
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    atomic.write_json(done, {"command": cmd, "seconds": seconds})
+    return seconds
 
 
 def save_random_init(trained: Path, out: Path, seed: int) -> Path:

@@ -1,0 +1,60 @@
+"""benchmarks/bench_quality.py's bookkeeping: the per-seed table and the reuse of finished runs
+(the science itself is the script's run, docs/benchmarks/quality.md)."""
+
+import importlib.util
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bq():
+    spec = importlib.util.spec_from_file_location("bench_quality",
+                                                  REPO / "benchmarks" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_table_gives_mean_sd_and_every_seed_and_keeps_settings_together(bq):
+    scores = bq.Scores()
+    truth = np.array(["a", "a", "b", "b"])
+    scores.add("(a)", "baseline", np.array(["a", "a", "b", "a"]), truth)
+    scores.add("(b)", "baseline", np.array(["a", "a", "a", "a"]), truth)
+    for pred in (["a", "a", "b", "b"], ["a", "b", "b", "b"]):  # two seeds of a model
+        scores.add("(a)", "model", np.array(pred), truth)
+    lines = bq.format_table(scores, {"model": [0.5, 0.7], "mean": [0.6]}).splitlines()
+    rows = [line for line in lines if line.startswith("| (")]
+    assert [r.split(" | ")[0:2] for r in rows] == [["| (a)", "baseline"], ["| (a)", "model"],
+                                                   ["| (b)", "baseline"]]
+    assert rows[0].split(" | ")[2] == "0.750"  # one run: its value alone
+    # two runs, accuracy 1.0 and 0.75: mean, sample sd, then each seed's value
+    assert rows[1].split(" | ")[2] == f"0.875 ± {np.std([1.0, 0.75], ddof=1):.3f} (1.000 / 0.750)"
+    assert "| model | 0.600 ± 0.141 (0.500 / 0.700) |" in lines
+    assert "| mean | 0.600 |" in lines
+
+
+def test_a_finished_run_is_reused_only_by_the_same_command(bq, tmp_path, monkeypatch):
+    args = Namespace(ranks=1, model="tiny", steps=5, context=64, batch_size=2, trainer_args="")
+    calls = []
+
+    def fake_trainer(cmd, **kw):
+        calls.append(cmd)
+        return Namespace(returncode=0, stdout="", stderr="")
+
+    monkeypatch.setattr(bq.subprocess, "run", fake_trainer)
+    run = tmp_path / "seed3" / "run"
+    run.mkdir(parents=True)
+    first = bq.train(args, tmp_path / "shards", run, seed=3)
+    assert len(calls) == 1 and calls[0][calls[0].index("--seed") + 1] == "3"
+    record = json.loads((run / "bench_training.json").read_text())
+    assert record == {"command": calls[0], "seconds": first}
+    assert bq.train(args, tmp_path / "shards", run, seed=3) == first and len(calls) == 1
+    with pytest.raises(SystemExit, match="trained by another command"):
+        bq.train(Namespace(**{**vars(args), "steps": 6}), tmp_path / "shards", run, seed=3)
+    assert len(calls) == 1
