@@ -47,7 +47,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--seeds: each seed once")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from pretrain.export import load_model_file
+
     ctrl, stim = split_pbmc(out)
     shards = build_shards(training_sheet(ctrl, args.train_sheet, out), out, args.context,
                           args.build_args)
@@ -322,22 +324,23 @@ def main(argv: list[str] | None = None) -> None:
     scores.add(a, "logistic regression, log-normalised counts",
                logreg_predict(x_ctrl, y_ctrl, x_stim), y_stim)
     scores.add(a, "kNN on PCA-50", pca_knn_predict(x_ctrl, y_ctrl, x_stim), y_stim)
-    if args.held_out:
-        held_out_baselines(scores, Path(args.held_out), args.held_out_label)
+    held = held_out_cells(Path(args.held_out), args.held_out_label) if args.held_out else None
+    if held is not None:
+        held_out_baselines(scores, held)
 
     recon: dict[str, list[float]] = {}
     seconds, embeddings = [], {}
     for seed in args.seeds:
         files, took = trained_and_random(args, shards, out / f"seed{seed}", seed)
         seconds.append(took)
-        stim_embeddings = score_models(scores, files, ctrl, stim, y_ctrl, y_stim)
-        embeddings = embeddings or stim_embeddings  # the picture shows the first seed
         models = {name: load_model_file(f) for name, f in files.items()}
+        stim_embeddings = score_models(scores, models, ctrl, stim, y_ctrl, y_stim)
+        embeddings = embeddings or stim_embeddings  # the picture shows the first seed
         for name, r in denoising(models, stim, gene_shares(models["model"], ctrl),
                                  seed=0).items():
             recon.setdefault(name, []).append(r)
-        if args.held_out:
-            held_out_models(scores, Path(args.held_out), args.held_out_label, files)
+        if held is not None:
+            held_out_models(scores, held, models)
 
     table = format_table(scores, recon)
     print(table)
@@ -357,12 +360,6 @@ def trained_and_random(args, shards: Path, out: Path, seed: int) -> tuple[dict[s
     return {"model": trained, "random init": random_init}, seconds
 
 
-def load_model_file(path: Path):
-    from pretrain.export import load_model_file as load
-
-    return load(path)
-
-
 class Scores:
     """(setting, method) -> one (accuracy, macro-F1) per run, in the order rows were added."""
 
@@ -373,15 +370,14 @@ class Scores:
         self.rows.setdefault((setting, method), []).append(accuracy_f1(truth, pred))
 
 
-def score_models(scores: Scores, files: dict[str, Path], ctrl: Path, stim: Path,
+def score_models(scores: Scores, models: dict, ctrl: Path, stim: Path,
                  y_ctrl: np.ndarray, y_stim: np.ndarray) -> dict[str, np.ndarray]:
-    """(a) for each model file: its head and a kNN probe on its embedding (fitted on the CTRL
-    cells' embedding); returns the STIM cells' embeddings."""
+    """(a) for each loaded model file: its head and a kNN probe on its embedding (fitted on the
+    CTRL cells' embedding); returns the STIM cells' embeddings."""
     from pretrain.embed import embed_anndata
 
     a, embeddings = "(a) CTRL -> STIM", {}
-    for name, file in files.items():
-        model = load_model_file(file)
+    for name, model in models.items():
         e_ctrl, e_stim = embed_anndata(model, ctrl), embed_anndata(model, stim)
         embeddings[name] = e_stim.obsm["X_scpretrain"]
         scores.add(a, f"{name}: head", e_stim.obs[f"predicted_{LABEL}"].astype(str).to_numpy(),
@@ -392,9 +388,20 @@ def score_models(scores: Scores, files: dict[str, Path], ctrl: Path, stim: Path,
     return embeddings
 
 
-def _held_out_cells(path: Path, label: str):
-    """(b)'s counts, labels, the cells scored (types with >= 5 cells), the setting's name and
-    its 5 folds over those cells (indices into all cells)."""
+@dataclass
+class HeldOut:
+    """(b)'s dataset, read once: its counts, labels, the cells scored (types with >= 5 cells),
+    the setting's name and the 5 folds over those cells (indices into all cells)."""
+
+    path: Path
+    x: np.ndarray
+    y: np.ndarray
+    keep: np.ndarray
+    setting: str
+    folds: list[tuple[np.ndarray, np.ndarray]]
+
+
+def held_out_cells(path: Path, label: str) -> HeldOut:
     from sklearn.model_selection import StratifiedKFold
 
     x, y = read_counts(path, label)
@@ -402,40 +409,39 @@ def _held_out_cells(path: Path, label: str):
     idx = np.flatnonzero(keep)
     folds = [(idx[tr], idx[te]) for tr, te in
              StratifiedKFold(5, shuffle=True, random_state=0).split(x[keep], y[keep])]
-    return x, y, keep, f"(b) {path.name} ({keep.sum()} cells, left out)", folds
+    return HeldOut(path, x, y, keep, f"(b) {path.name} ({keep.sum()} cells, left out)", folds)
 
 
-def _cross_validated(y, keep, folds, fit, features) -> np.ndarray:
-    pred = np.empty(len(y), dtype=object)
-    for tr, te in folds:
-        pred[te] = fit(features[tr], y[tr], features[te])
-    return pred[keep].astype(str)
+def _cross_validated(held: HeldOut, fit, features) -> np.ndarray:
+    pred = np.empty(len(held.y), dtype=object)
+    for tr, te in held.folds:
+        pred[te] = fit(features[tr], held.y[tr], features[te])
+    return pred[held.keep].astype(str)
 
 
-def held_out_baselines(scores: Scores, path: Path, label: str) -> None:
+def held_out_baselines(scores: Scores, held: HeldOut) -> None:
     """(b)'s baselines, 5-fold cross-validated within the dataset no model trained on."""
-    x, y, keep, setting, folds = _held_out_cells(path, label)
     majority = lambda tr_x, tr_y, te_x: majority_predict(tr_y, len(te_x))  # noqa: E731
     for method, fit in [("majority class", majority), ("kNN on PCA-50", pca_knn_predict),
                         ("logistic regression, log-normalised counts", logreg_predict)]:
-        scores.add(setting, method, _cross_validated(y, keep, folds, fit, x), y[keep])
+        scores.add(held.setting, method, _cross_validated(held, fit, held.x),
+                   held.y[held.keep])
 
 
-def held_out_models(scores: Scores, path: Path, label: str, files: dict[str, Path]) -> None:
-    """(b) for each model file: a cross-validated kNN probe on its embedding, and its head
-    where the dataset's cell types are ones the head knows."""
+def held_out_models(scores: Scores, held: HeldOut, models: dict) -> None:
+    """(b) for each loaded model file: a cross-validated kNN probe on its embedding, and its
+    head where the dataset's cell types are ones the head knows."""
     from pretrain.embed import embed_anndata
 
-    _, y, keep, setting, folds = _held_out_cells(path, label)
-    for name, file in files.items():
-        model = load_model_file(file)
-        embedded = embed_anndata(model, path)
-        scores.add(setting, f"{name}: kNN probe on the embedding",
-                   _cross_validated(y, keep, folds, knn_predict, embedded.obsm["X_scpretrain"]),
-                   y[keep])
-        if set(y) & set(model.labels[LABEL]):  # its cell types are ones the head knows
-            scores.add(setting, f"{name}: head",
-                       embedded.obs[f"predicted_{LABEL}"].astype(str).to_numpy()[keep], y[keep])
+    truth = held.y[held.keep]
+    for name, model in models.items():
+        embedded = embed_anndata(model, held.path)
+        scores.add(held.setting, f"{name}: kNN probe on the embedding",
+                   _cross_validated(held, knn_predict, embedded.obsm["X_scpretrain"]), truth)
+        if set(held.y) & set(model.labels[LABEL]):  # its cell types are ones the head knows
+            scores.add(held.setting, f"{name}: head",
+                       embedded.obs[f"predicted_{LABEL}"].astype(str).to_numpy()[held.keep],
+                       truth)
 
 
 def _figure(values: list[float]) -> str:

@@ -3,6 +3,7 @@
 
 import importlib.util
 import json
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -17,8 +18,10 @@ def bq():
     spec = importlib.util.spec_from_file_location("bench_quality",
                                                   REPO / "benchmarks" / "bench_quality.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # its dataclasses resolve their module by name
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules["bench_quality"]
 
 
 def test_table_gives_mean_sd_and_every_seed_and_keeps_settings_together(bq):
