@@ -186,8 +186,10 @@ def _read_payload(path: Path) -> dict:
 
 
 def _build_model(path: Path, payload: dict) -> ScPrintModel:
+    # files written before ModelConfig.pooled_weights existed pooled uniformly
+    config = {"pooled_weights": "uniform", **payload["model_config"]}
     try:
-        model = ScPrintModel(ModelConfig(**payload["model_config"]), payload["n_genes"],
+        model = ScPrintModel(ModelConfig(**config), payload["n_genes"],
                              payload["n_labels"], payload.get("label_hierarchy"))
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:

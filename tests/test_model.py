@@ -271,6 +271,25 @@ def test_neighbour_part_of_the_gene_token_starts_switched_off():
         tiny(classification="ce")
 
 
+def test_attention_pooled_readout_can_discount_genes():
+    """The pooled readout's gene weights start uniform (with a zero score it is the uniform
+    mean exactly) and are learned from the classification loss, so the readout can weigh
+    down genes that never told the training cells apart."""
+    batch = make_batch(views=1)
+    uniform = tiny(pooled_weights="uniform").eval()
+    attention = tiny().eval()
+    assert attention.cfg.pooled_weights == "attention"
+    attention.load_state_dict(uniform.state_dict(), strict=False)
+    torch.nn.init.zeros_(attention.pool_score.weight)
+    torch.testing.assert_close(attention.predict(batch)["cell_emb"],
+                               uniform.predict(batch)["cell_emb"])
+    attention.train()
+    attention(batch)["losses"]["classification"].backward()
+    assert attention.pool_score.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pooled_weights"):
+        tiny(pooled_weights="max")
+
+
 def test_reference_form_still_trains_a_step():
     """Every design switch back to the reference's form (raw token sum, cross-attention-only
     readout, per-label BCE) is a working model, for ablations."""
