@@ -366,13 +366,11 @@ class ScPrintModel(nn.Module):
         genes = self.norm_genes(x)
         cells = self.cell_tokens.unsqueeze(0).expand(b, -1, -1)
         if self.norm_pooled is not None:
-            if self.pool_score is None:
-                real = gene_mask.to(genes.dtype).unsqueeze(-1)
-                pooled = (genes * real).sum(1) / real.sum(1).clamp(min=1)
-            else:
-                score = self.pool_score(genes).squeeze(-1).float()
-                weight = torch.softmax(score.masked_fill(~gene_mask, float("-inf")), dim=1)
-                pooled = (genes * torch.nan_to_num(weight).to(genes.dtype).unsqueeze(-1)).sum(1)
+            # uniform weights are the softmax of a zero score; a row without genes pools to 0
+            score = (genes.new_zeros(genes.shape[:2], dtype=torch.float32)
+                     if self.pool_score is None else self.pool_score(genes).squeeze(-1).float())
+            weight = torch.softmax(score.masked_fill(~gene_mask, float("-inf")), dim=1)
+            pooled = (genes * torch.nan_to_num(weight).to(genes.dtype).unsqueeze(-1)).sum(1)
             cells = cells + self.norm_pooled(pooled).unsqueeze(1)
         for block in self.cell_blocks:
             cells = block(cells, genes, gene_mask)
