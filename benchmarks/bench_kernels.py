@@ -27,8 +27,9 @@ Without CUDA it runs one small configuration through the Triton interpreter for 
 an H100 SXM, and says so. Run: `python benchmarks/bench_kernels.py` (benchmarks/gpu_check.sh
 runs these rows at N = 1,024 and 3,200 as part of its GPU check).
 
-`--compile-check` compiles the criss-cross kernels' GPU launch configurations for an H100 (sm_90)
-with the Triton compiler alone (no device) and prints registers and spill bytes per thread.
+`--compile-check` compiles the criss-cross kernels' GPU launch configurations and the DeepSet
+encoder's kernels at the presets' widths for an H100/H200 (sm_90) with the Triton compiler alone
+(no device) and prints registers and spill bytes per thread.
 """
 
 import os
@@ -247,8 +248,10 @@ def counts_table(peak: DevicePeak) -> list[dict]:
     return rows
 
 
-def compile_check() -> list[dict]:
-    """Registers and spill bytes per thread of each GPU launch configuration, built for sm_90."""
+def _compile_sm90(kernel, types: dict[str, str], const: dict, launch: dict) -> dict:
+    """Build one kernel for sm_90 with the Triton compiler alone: its registers, spill (stack)
+    bytes per thread and shared memory. ``types`` gives each pointer's element type; the other
+    runtime arguments are i32 (fp32 where named ``eps`` or ``*scale``), as the JIT passes them."""
     import re
     import subprocess
     import tempfile
@@ -257,45 +260,66 @@ def compile_check() -> list[dict]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    sig = {}
+    for n in kernel.arg_names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n in types:
+            sig[n] = f"*{types[n]}"
+        else:
+            sig[n] = "fp32" if n == "eps" or n.endswith("scale") else "i32"
+    # As the JIT specialises contiguous inputs: pointers and strides divisible by 16.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+             if sig[n].startswith("*") or (n.startswith("s") and sig[n] == "i32")}
+    constexprs = {(kernel.arg_names.index(k),): v for k, v in const.items()}
+    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch)
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+    return {"warps": launch["num_warps"], "registers": int(regs), "spill_bytes": int(stack),
+            "shared_bytes": compiled.metadata.shared}
+
+
+def compile_check() -> list[dict]:
+    """Registers and spill bytes per thread of each criss-cross GPU launch configuration."""
     rows = []
     for dtype, d in [(torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
                      (torch.float32, 64)]:
+        e = PRECISION_OF[dtype]
         for kernel, backward in ((cc._attn_fwd, False), (cc._attn_bwd, True)):
             opts = cc._launch_options(dtype, d, backward)
             launch = {k: opts.pop(k) for k in ("num_warps", "num_stages")}
             const = opts | {"D": d, "HAS_MASK": True} | ({"DQ_ATOMIC": True} if backward else {})
-            sig = {}
-            for n in kernel.arg_names:
-                if n in const:
-                    sig[n] = "constexpr"
-                elif n in ("Q", "K", "V", "O", "DO") and not (n == "O" and not backward):
-                    sig[n] = f"*{names[dtype]}"
-                elif n == "KMASK":
-                    sig[n] = "*u8"
-                elif n in ("O", "LSE", "DQ", "DK", "DV"):
-                    sig[n] = "*fp32"
-                else:
-                    sig[n] = "fp32" if n.endswith("scale") else "i32"
-            # As the JIT specialises contiguous inputs: pointers and strides divisible by 16.
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
-                     if sig[n].startswith("*") or (n.startswith("s") and sig[n] == "i32")}
-            constexprs = {(kernel.arg_names.index(k),): v for k, v in const.items()}
-            src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch)
-            with tempfile.TemporaryDirectory() as tmp:
-                cubin = Path(tmp) / "k.cubin"
-                cubin.write_bytes(compiled.asm["cubin"])
-                usage = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)],
-                                       capture_output=True, text=True, check=True).stdout
-            regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-            rows.append({
-                "kernel": "backward" if backward else "forward", "dtype": names[dtype], "D": d,
-                "BLOCK_Q": const["BLOCK_Q"], "BLOCK_K": const["BLOCK_K"],
-                "warps": launch["num_warps"], "registers": int(regs), "spill_bytes": int(stack),
-                "shared_bytes": compiled.metadata.shared,
-            })  # fmt: skip
+            inputs = ("Q", "K", "V", "O", "DO") if backward else ("Q", "K", "V")
+            types = {n: e for n in inputs} | {n: "fp32" for n in ("LSE", "DQ", "DK", "DV")}
+            types |= {"KMASK": "u8"} | ({} if backward else {"O": "fp32"})
+            rows.append({"kernel": "backward" if backward else "forward", "dtype": e, "D": d,
+                         "BLOCK_Q": const["BLOCK_Q"], "BLOCK_K": const["BLOCK_K"],
+                         **_compile_sm90(kernel, types, const, launch)})
+    return rows
+
+
+def compile_check_deepset() -> list[dict]:
+    """The same for the DeepSet encoder's kernels at the presets' widths (tiny to large), as the
+    bf16 trainer launches them: fp32 expression inputs, bf16 hidden output and its gradient."""
+    from kernels import deepset as ds
+
+    rows = []
+    for d in (64, 256, 512, 1280):
+        for kernel, backward in ((ds._deepset_fwd_kernel, False), (ds._deepset_bwd_kernel, True)):
+            dp, bn, warps = ds._launch_config(d, 3200, None, backward)
+            const = {"K": 6, "D": d, "DP": dp, "BN": bn}
+            types = {n: "fp32" for n in kernel.arg_names if n.endswith("_ptr")}
+            types |= {"mask_ptr": "u8", "h_ptr": "bf16", "gh_ptr": "bf16"}
+            rows.append({"kernel": "deepset_" + ("backward" if backward else "forward"),
+                         "d": d, "DP": dp, "BN": bn,
+                         **_compile_sm90(kernel, types, const, {"num_warps": warps,
+                                                                 "num_stages": 3})})
     return rows
 
 
@@ -310,6 +334,8 @@ def main() -> None:
     if COMPILE_CHECK:
         print("Criss-cross GPU launch configurations compiled for sm_90 (no device used):")
         print(format_rows(compile_check()))
+        print("\nDeepSet encoder kernels compiled for sm_90 (N = 3,200, K = 6 neighbours):")
+        print(format_rows(compile_check_deepset()))
         return
     if CUDA:
         peak = device_peak("cuda", "bf16")

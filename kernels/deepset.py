@@ -232,13 +232,16 @@ def _deepset_bwd_kernel(
     tl.store(gp + 8 * DP, a_ben)
 
 
-def _launch_config(d: int, n: int, block_rows: int | None, per_thread: int) -> tuple[int, int, int]:
+def _launch_config(d: int, n: int, block_rows: int | None, backward: bool) -> tuple[int, int, int]:
     """(padded width, rows per block, warps). Blocks hold whole rows (each LayerNorm needs all d
-    columns; d is padded to a power of 2 and masked). Warps grow with d so that the per-column
-    vectors (parameters, gradient accumulators) stay small per thread; a register tile holds about
-    `per_thread` fp32 elements per thread."""
+    columns; d is padded to a power of 2 and masked). Forward: warps grow with d so that the
+    per-column parameter vectors stay small per thread, and a register tile holds about 32 fp32
+    elements per thread. Backward: more live tiles (both branches' activations and gradients) and
+    nine per-column accumulators, so 8 warps and about 4 elements per thread per tile: built for
+    sm_90 this spills no registers up to d = 512 and spills least at d = 1,280, where none of
+    4-16 warps and 1-16 rows avoids spills (``benchmarks/bench_kernels.py --compile-check``)."""
     dp = triton.next_power_of_2(d)
-    warps = max(4, min(8, dp // 64))
+    warps, per_thread = (8, 4) if backward else (max(4, min(8, dp // 64)), 32)
     bn = block_rows or max(1, min(triton.next_power_of_2(n), per_thread * 32 * warps // dp))
     return dp, bn, warps
 
@@ -251,7 +254,7 @@ class _DeepSetHidden(torch.autograd.Function):
         w1s, b1s, g_s, be_s, w1n, b1n, g_n, be_n = params
         bsz, n = x_self.shape
         k, d = x_nbr.shape[1], g_s.shape[0]
-        dp, bn, warps = _launch_config(d, n, block_rows, per_thread=32)
+        dp, bn, warps = _launch_config(d, n, block_rows, backward=False)
         packed = torch.zeros(_N_PARAM_VECTORS, dp, device=x_self.device, dtype=torch.float32)
         vectors = (w1s[:, 0], b1s, g_s, be_s, w1n[:, 0], w1n[:, 1], b1n, g_n, be_n)
         for row, vec in enumerate(vectors):
@@ -275,7 +278,7 @@ class _DeepSetHidden(torch.autograd.Function):
         eps, block_rows, d = ctx.config
         bsz, n = x_self.shape
         k = x_nbr.shape[1]
-        dp, bn, warps = _launch_config(d, n, block_rows, per_thread=8)  # more live tiles
+        dp, bn, warps = _launch_config(d, n, block_rows, backward=True)
         n_blocks = triton.cdiv(n, bn)
         if x_self.is_cuda:
             sms = torch.cuda.get_device_properties(x_self.device).multi_processor_count

@@ -192,7 +192,8 @@ def test_gpu_tiles_through_the_interpreter(monkeypatch):
 
 def test_gpu_configurations_compile_for_h100(repo_root):
     """The interpreter accepts code the GPU compiler rejects: build every GPU launch configuration
-    for sm_90 (no device needed) and require the half-precision ones not to spill registers."""
+    of the criss-cross and DeepSet kernels for sm_90 (no device needed) and require the
+    half-precision criss-cross ones, and the DeepSet ones up to d = 512, not to spill registers."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run(
         [sys.executable, str(repo_root / "benchmarks" / "bench_kernels.py"), "--compile-check"],
@@ -203,6 +204,10 @@ def test_gpu_configurations_compile_for_h100(repo_root):
     assert len(rows) == 8
     for kernel, dtype, d, *_, spill, _shared in rows:
         assert dtype != "bf16" or spill == "0", f"{kernel} bf16 D={d} spills {spill} bytes"
+    deepset = [line.split(" | ") for line in lines if line.startswith("deepset_")]
+    assert len(deepset) == 8  # forward and backward at d = 64, 256, 512, 1280
+    for kernel, d, _dp, _bn, _warps, _regs, spill, _shared in deepset:
+        assert int(d) > 512 or spill == "0", f"{kernel} d={d} spills {spill} bytes"
 
 
 @pytest.fixture
