@@ -2,7 +2,7 @@
 of the plan and pack stages at two corpus sizes 5x apart.
 
     python benchmarks/bench_corpus.py [--datasets 2000] [--small 400] [--cells 60] [--genes 2000]
-                                      [--work out/bench_corpus] [--json FILE]
+                                      [--work out/bench_corpus] [--json FILE] [--previous DIR]
 
 Inputs: ``--datasets`` files of ``--cells`` cells each, DERIVED from the real 2,800-cell PBMC
 file by ``data_prep.derive`` (each cell a convex mix of a real cell and a real neighbour,
@@ -19,6 +19,11 @@ counts and split into files; each file gets one of 50 tissue labels, so sampling
    on the first ``--small`` datasets and on all of them (the small corpus reuses the large
    one's per-dataset artifacts). The epoch's stream has one sample per training cell, so the
    stream grows with the corpus too.
+3. The packing rate of one process on each corpus's plan: ``--pack-shards`` shards of its epoch
+   after a warm-up shard, samples/s and how many datasets a shard draws from. With
+   ``--previous DIR`` (a checkout of an earlier commit, e.g. ``git worktree add DIR <commit>``)
+   the earlier code packs the same plan too, the two alternating ``--repeats`` times (medians,
+   and their ratio).
 """
 
 from __future__ import annotations
@@ -63,6 +68,64 @@ def run(module: str, argv: list[str]) -> dict:
     if proc.returncode != 0 or not lines or json.loads(lines[-1][6:])["rc"] not in (0, None):
         raise RuntimeError(f"{module} {' '.join(argv)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][6:])
+
+
+# Run in a child with a checkout first on sys.path: the packing rate of one process on a plan.
+PACK_RATE = r"""
+import json, shutil, sys, tempfile, time
+from pathlib import Path
+import numpy as np
+repo, plan, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, repo)
+from data_prep.pack import Packer
+out = Path(tempfile.mkdtemp(prefix="pack_rate_"))
+packer = Packer(plan, out)
+stream = "train-e0000"
+bounds = np.load(plan / stream / "bounds.npy")
+n = min(n, bounds.shape[0] - 2)
+packer.pack(stream, 0)  # warm-up: first allocations and reads
+t = time.perf_counter()
+for i in range(1, n + 1):
+    packer.pack(stream, i)
+seconds = time.perf_counter() - t
+shutil.rmtree(out)
+print(json.dumps({"samples_per_s": int(bounds[n + 1] - bounds[1]) / seconds,
+                  "ms_per_shard": 1000 * seconds / n, "shards": n}))
+"""
+
+
+def pack_rate(repo: Path, plan: Path, n_shards: int) -> dict:
+    """Samples/s of one process packing ``n_shards`` shards of ``plan`` with the code of
+    checkout ``repo``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", PACK_RATE, str(repo), str(plan), str(n_shards)],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"packing {plan} with {repo} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def datasets_per_shard(plan: Path, n_shards: int) -> float:
+    """Mean number of datasets the measured shards (1..n_shards) draw from."""
+    offsets = np.array([d["offset"] for d in json.loads((plan / "plan.json").read_text())
+                        ["datasets"]])
+    bounds = np.load(plan / "train-e0000" / "bounds.npy")
+    cells = np.load(plan / "train-e0000" / "cells.npy")
+    return float(np.mean([
+        np.unique(np.searchsorted(offsets, cells[bounds[i]:bounds[i + 1]], "right")).size
+        for i in range(1, min(n_shards, bounds.shape[0] - 2) + 1)]))
+
+
+def pack_rates(plan: Path, n_shards: int, previous: Path | None, repeats: int) -> dict:
+    """This checkout's packing rate on ``plan`` (and ``previous``'s, alternating): medians."""
+    checkouts = {"this": REPO} | ({"previous": previous} if previous else {})
+    runs: dict[str, list[float]] = {name: [] for name in checkouts}
+    for _ in range(repeats if previous else 1):
+        for name, repo in checkouts.items():
+            runs[name].append(pack_rate(repo, plan, n_shards)["samples_per_s"])
+    res = {name: float(np.median(v)) for name, v in runs.items()}
+    res["datasets_per_shard"] = datasets_per_shard(plan, n_shards)
+    return res
 
 
 def make_corpus(data: Path, work: Path, n_datasets: int, n_cells: int, n_genes: int,
@@ -164,6 +227,15 @@ def report(res: dict) -> str:
         lines.append(f"| {what} | {s['seconds']:.1f} / {s['peak_rss_mib']:.0f} | "
                      f"{g['seconds']:.1f} / {g['peak_rss_mib']:.0f} | "
                      f"{g['peak_rss_mib'] / s['peak_rss_mib']:.2f} |")
+    rates = [c["pack_rate"] for c in (small, large)]
+    lines.append("| pack rate, one process: samples/s (datasets per shard) | "
+                 + " | ".join(f"{r['this']:,.0f} ({r['datasets_per_shard']:.0f})" for r in rates)
+                 + " | |")
+    if "previous" in rates[0]:
+        lines.append("| the same, previous checkout (--previous) | "
+                     + " | ".join(f"{r['previous']:,.0f}" for r in rates) + " | |")
+        lines.append("| this / previous | " + " | ".join(
+            f"**{r['this'] / r['previous']:.2f}**" for r in rates) + " | |")
     return "\n".join(lines)
 
 
@@ -180,6 +252,12 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shards-per-machine", type=int, default=2,
                    help="pack job array sized so that each machine packs this many shards")
+    p.add_argument("--pack-shards", type=int, default=10,
+                   help="shards timed for the packing rate")
+    p.add_argument("--previous", default=None,
+                   help="checkout of an earlier commit whose packing rate is measured too")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating runs of the two checkouts' packing (medians)")
     p.add_argument("--json", default=None)
     p.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.add_argument("--make-corpus", action="store_true", help=argparse.SUPPRESS)
@@ -218,6 +296,9 @@ def main(argv=None) -> None:
     res["corpora"] = []
     for name, parts in (("small", small_parts), ("large", large_parts)):
         r = merge_stages(parts, work / f"merged_{name}", args.shards_per_machine)
+        r["pack_rate"] = pack_rates(work / f"merged_{name}" / "work" / "pack", args.pack_shards,
+                                    Path(args.previous).resolve() if args.previous else None,
+                                    args.repeats)
         res["corpora"].append(r)
         print(f"{name}: " + json.dumps(r), flush=True)
     print(report(res))

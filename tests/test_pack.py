@@ -1,5 +1,7 @@
 """Unit tests of the packing primitives: sample alignment, shard cutting, row reads."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -61,6 +63,28 @@ def test_align_sample_of_a_cell_and_neighbours_without_counts(metacell):
     gids, counts, nbr = pack.align_sample(empty, np.zeros(0), [], [], genes, context=8,
                                           metacell=metacell)
     assert gids.shape == counts.shape == (0,) and nbr.shape == (0, 0)
+
+
+def test_gene_order_from_the_plan_equals_ranking_the_map_again(tmp_path):
+    """The plan saves each dataset's column ranks once; a shard's GeneOrder read from them is
+    the one an argsort of the map gives (duplicate global ids rank by column), and a plan made
+    before the ranks were saved still packs."""
+    col2gid = np.array([7, 3, 9, 3, 0, 12, 7], dtype=np.int64)
+    pack.save_dataset_maps(tmp_path, 4, col2gid, np.full((9, 1), -1))
+    saved = pack.GeneOrder.load(tmp_path, 4)
+    np.testing.assert_array_equal(saved.rank, [3, 1, 5, 2, 0, 6, 4])
+    np.testing.assert_array_equal(saved.sorted_gid, [0, 3, 3, 7, 7, 9, 12])
+    (tmp_path / "colrank-4.npy").unlink()
+    again = pack.GeneOrder.load(tmp_path, 4)
+    np.testing.assert_array_equal(again.rank, saved.rank)
+    np.testing.assert_array_equal(again.sorted_gid, saved.sorted_gid)
+    cols = (np.array([6, 0]), np.array([2.0, 1.0]))
+    nbr = [(np.array([1, 3]), np.array([4.0, 5.0]))]
+    for genes in (saved, again):
+        gids, counts, _ = pack.align_sample(cols[0], cols[1], [nbr[0][0]], [nbr[0][1]], genes,
+                                            context=8, metacell=False)
+        np.testing.assert_array_equal(gids, [7, 7, 3, 3])
+        np.testing.assert_array_equal(counts, [1.0, 2.0])
 
 
 def test_shard_bounds_respect_samples_and_bytes():
@@ -134,5 +158,43 @@ def test_npy_rows_reads_what_a_load_would(tmp_path):
     for a, b, p in zip(starts, stops, at):
         np.testing.assert_array_equal(buf[p:p + b - a], flat[a:b])
     np.testing.assert_array_equal(pack.read_range(tmp_path / "flat.npy", 7, 9000), flat[7:9000])
-    with pytest.raises(ValueError, match="out of range"):
-        pack.read_rows(tmp_path / "flat.npy", np.array([20_000]))
+    for rows in ([20_000], [3, 20_000], [-1]):
+        with pytest.raises(ValueError, match="out of range"):
+            pack.read_rows(tmp_path / "flat.npy", np.array(rows))
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.int64).reshape(3, 4), np.zeros(0, dtype=np.uint8),
+    np.array([True, False]), np.float32(2.5), np.arange(6, dtype=">i2").reshape(2, 1, 3),
+    np.array(["ab", "c"]),  # a header the fast pattern leaves to numpy's reader
+    np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),
+])
+def test_npy_header_reader_agrees_with_numpy(tmp_path, array):
+    path = tmp_path / "a.npy"
+    np.save(path, array)
+    big = tmp_path / "big.npy"  # format 2.0: a header too long for format 1.0
+    with open(big, "wb") as f:
+        np.lib.format.write_array(f, array, version=(2, 0))
+    for p in (path, big):
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            want = read(f)
+            offset = f.tell()
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            assert pack._npy_header(fd, p) == (*want, offset)
+        finally:
+            os.close(fd)
+        # plain numeric arrays (what the pipeline writes) take the fast pattern
+        fast = pack._PLAIN_HEADER.search(p.read_bytes()[:offset]) is not None
+        assert fast == (array.dtype.kind in "biuf" and array.dtype.names is None)
+        if array.ndim:
+            np.testing.assert_array_equal(pack.read_array(p), array)
+
+
+def test_npy_rows_refuses_fortran_order(tmp_path):
+    np.save(tmp_path / "f.npy", np.asfortranarray(np.ones((3, 2))))
+    with pytest.raises(ValueError, match="Fortran"):
+        pack.NpyRows(tmp_path / "f.npy")
