@@ -19,10 +19,12 @@ What a flag left unset takes: the model preset's architecture (``pretrain/model.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pretrain.data import DataConfig
-from pretrain.model import PRESETS, ModelConfig
+from pretrain.model import PRESETS, ModelConfig, saved_model_settings
 from utils import flags
 
 # Optimisation recipe of each model preset: what a flag left unset takes. small/medium/large are
@@ -168,10 +170,39 @@ def resolve(given: dict) -> RunConfig:
     return flags.build(RunConfig, values, RunConfig(model=model))
 
 
+CKPT_DIR = "checkpoints"  # RUN/checkpoints/step<N>/ and RUN/checkpoints/latest
+# Model settings a resumed run may change: how the same model is computed, not what it is.
+RESUME_MAY_CHANGE = ("kernels", "checkpointing")
+
+
+def resumed_settings(given: dict) -> dict:
+    """``given`` with the model of the run it resumes. When ``--out`` holds a checkpoint that
+    this run will resume (no ``--no-resume``), the preset and model settings the command line
+    leaves unset are the saved run's (``RUN/config.json``), so a resumed run keeps its model even
+    where a default has changed since; one set to another value than the saved one is an error
+    naming it (a checkpoint holds one model), except ``RESUME_MAY_CHANGE``."""
+    run = Path(given.get("train.out") or ".")
+    saved_path = run / "config.json"
+    if (not given.get("train.resume", TrainConfig.resume)
+            or not (run / CKPT_DIR / "latest").is_file() or not saved_path.is_file()):
+        return given
+    saved = json.loads(saved_path.read_text())
+    wanted = {"train.model": saved["train"]["model"]} | {
+        f"model.{k}": v for k, v in saved_model_settings(saved["model"]).items()
+        if k not in RESUME_MAY_CHANGE}
+    conflicts = [f"{k} is {v!r} there, {given[k]!r} here" for k, v in wanted.items()
+                 if k in given and given[k] != v]
+    if conflicts:
+        raise ValueError(f"{run} holds a checkpoint of another model ({saved_path}: "
+                         f"{'; '.join(conflicts)}); resume with its settings, or train anew "
+                         "with another --out or --no-resume")
+    return {**wanted, **given}
+
+
 def parse_train_config(argv: list[str] | None = None) -> RunConfig:
     p = parser()
     try:
-        cfg = resolve(flags.given(p.parse_args(argv)))
+        cfg = resolve(resumed_settings(flags.given(p.parse_args(argv))))
     except (TypeError, ValueError) as e:
         p.error(str(e))
     if not cfg.train.shards or not cfg.train.out:

@@ -32,8 +32,8 @@ from data_prep.shard_format import (
     read_gene_vocab,
     read_labels,
 )
-from pretrain.model import ModelConfig, ScPrintModel
-from pretrain.train import CKPT_DIR
+from pretrain.config import CKPT_DIR
+from pretrain.model import ModelConfig, ScPrintModel, saved_model_settings
 from utils import atomic
 
 FORMAT = "scpretrain-model"
@@ -99,7 +99,8 @@ def export(run: str | Path, out: str | Path, tag: str | None = None,
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return write_model_file(
-        out, state, ModelConfig(**resolved["model"]), vocab, labels, resolved["data"]["context"],
+        out, state, ModelConfig(**saved_model_settings(resolved["model"])), vocab, labels,
+        resolved["data"]["context"],
         label_hierarchy=resolved.get("label_hierarchy"), tag=tag,
         graph_config=manifest["config"]["graph"])
 
@@ -186,10 +187,9 @@ def _read_payload(path: Path) -> dict:
 
 
 def _build_model(path: Path, payload: dict) -> ScPrintModel:
-    # files written before ModelConfig.pooled_weights existed pooled uniformly
-    config = {"pooled_weights": "uniform", **payload["model_config"]}
     try:
-        model = ScPrintModel(ModelConfig(**config), payload["n_genes"],
+        config = ModelConfig(**saved_model_settings(payload["model_config"]))
+        model = ScPrintModel(config, payload["n_genes"],
                              payload["n_labels"], payload.get("label_hierarchy"))
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:

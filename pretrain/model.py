@@ -111,6 +111,17 @@ class ModelConfig:
         return asdict(self)
 
 
+# Model settings added after runs and model files had been saved, at the value those had: a
+# saved configuration without one of them meant this.
+SETTINGS_BEFORE_THEY_EXISTED = {"pooled_weights": "uniform"}
+
+
+def saved_model_settings(saved: dict) -> dict:
+    """A saved model configuration (a run's config.json, an exported file) as ModelConfig
+    keywords, the settings it predates at the value it had."""
+    return {**SETTINGS_BEFORE_THEY_EXISTED, **saved}
+
+
 # Sizes of scPRINT-2 for small/medium/large; tiny trains on 2 CPU ranks in about a minute.
 # Parameter counts depend on the vocabulary: a learned gene table adds n_genes x d_model. Without
 # it: small ~10M, medium ~65M, large ~675M; small with a 60k-gene table ~25M (count_for_vocab).

@@ -32,13 +32,18 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from data_prep.shard_format import CLASSES, load_manifest, read_labels  # noqa: E402
-from pretrain.config import OptimConfig, RunConfig, TrainConfig, parse_train_config  # noqa: E402
+from pretrain.config import (  # noqa: E402
+    CKPT_DIR,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    parse_train_config,
+)
 from pretrain.device_peaks import DevicePeak, device_peak  # noqa: E402
 from pretrain.distributed import gather_across_ranks, sum_across_ranks  # noqa: E402
 from pretrain.evaluate import evaluate, to_device  # noqa: E402
 from utils import atomic  # noqa: E402
 
-CKPT_DIR = "checkpoints"
 # Loader worker processes per rank when --workers is left at -1: batches are assembled beside a
 # GPU step; CPU ranks share the cores with the step, so they assemble in-process.
 AUTO_WORKERS_CUDA = 2

@@ -1,6 +1,8 @@
 """The command lines generated from the configuration dataclasses (utils.flags)."""
 
 import argparse
+import json
+from dataclasses import asdict
 
 import pytest
 
@@ -8,7 +10,7 @@ from data_prep.build_shards import parser as build_parser
 from data_prep.config import SKIP as BUILD_SKIP
 from data_prep.config import BuildConfig, config_from_args
 from pretrain.config import SKIP as TRAIN_SKIP
-from pretrain.config import RunConfig, parse_train_config, resolve
+from pretrain.config import RunConfig, parse_train_config, resolve, resumed_settings
 from pretrain.config import parser as train_parser
 from utils import flags
 
@@ -104,3 +106,29 @@ def test_precision_auto_is_bf16_where_native(repo_root, precision, native, bf16)
     cfg = parse_train_config(["--shards", "S", "--out", "R", "--precision", precision])
     ds = resolve_ds_config(cfg, repo_root / "ds_configs" / "zero2.json", native_bf16=native)
     assert ds["bf16"]["enabled"] is bf16
+
+
+def test_a_resumed_run_keeps_its_saved_model(tmp_path):
+    """With a checkpoint in --out, unset model settings are the saved run's (a setting the saved
+    configuration predates at the value it had), explicit ones must match them, the way the
+    model is computed may change, and --no-resume ignores the saved run."""
+    base = ["--shards", "S", "--out", str(tmp_path)]
+    saved = asdict(resolve({"train.model": "tiny", "model.d_model": 32, "model.n_heads": 2}))
+    del saved["model"]["pooled_weights"]  # saved before the setting existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert parse_train_config(base).model.d_model == 64  # no checkpoint yet: a new run
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step00000010")
+    cfg = parse_train_config(base)
+    assert (cfg.model.d_model, cfg.model.pooled_weights, cfg.train.model) == (32, "uniform", "tiny")
+    cfg = parse_train_config([*base, "--model.d-model", "32", "--model.kernels", "reference",
+                              "--max-steps", "50"])
+    assert (cfg.model.d_model, cfg.model.kernels, cfg.train.max_steps) == (32, "reference", 50)
+    for conflict in (["--model.d-model", "64"], ["--model.pooled-weights", "attention"],
+                     ["--model", "small"]):
+        with pytest.raises(SystemExit):
+            parse_train_config([*base, *conflict])
+    with pytest.raises(ValueError, match=r"model.d_model is 32 there, 64 here"):
+        resumed_settings({"train.out": str(tmp_path), "model.d_model": 64})
+    fresh = parse_train_config([*base, "--no-resume", "--model.d-model", "128"])
+    assert (fresh.model.d_model, fresh.model.pooled_weights) == (128, "attention")
