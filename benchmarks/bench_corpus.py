@@ -12,7 +12,8 @@ counts and split into files; each file gets one of 50 tissue labels, so sampling
 
 1. The per-dataset stages of all datasets as a cluster runs them (``build_shards
    --num-machines 2``, the two machines one after the other here, each with ``--jobs``), timed:
-   seconds per dataset. Its parts are kept in ``--work`` and reused by a rerun.
+   seconds per dataset, and the peak RSS of a machine's driver process. Its parts are kept in
+   ``--work`` and reused by a rerun.
 2. The merge's plan (``--stage plan``) and one pack machine (``--stage pack --num-machines P
    --machine-index 0``, one process, P chosen so that each machine packs
    ``--shards-per-machine`` shards), each in its own process (``ru_maxrss`` of that process),
@@ -211,7 +212,9 @@ def report(res: dict) -> str:
     lines = [
         f"corpus-shaped build: {b['n_datasets']:,} DERIVED datasets of {b['n_cells']} cells; "
         f"per-dataset stages (2 machines one after the other, --jobs {b['jobs']}): "
-        f"{b['seconds']:.1f} s = {b['seconds'] / b['n_datasets']:.3f} s per dataset",
+        f"{b['seconds']:.1f} s = {b['seconds'] / b['n_datasets']:.3f} s per dataset; "
+        f"peak RSS of a machine's driver process {b.get('driver_peak_rss_mib', float('nan')):.0f}"
+        " MiB (it reads every dataset's gene names)",
         "",
         "| stage | " + " | ".join(f"{c['n_datasets']:,} datasets ({c['n_cells']:,} cells, "
                                     f"{c['n_groups']:,} groups, {c['n_samples']:,} samples): "
@@ -284,10 +287,12 @@ def main(argv=None) -> None:
         for d in (*large_parts, *small_parts):
             shutil.rmtree(d, ignore_errors=True)
         t = time.perf_counter()
-        per_dataset_stages(subset(corpus, work, args.datasets), large_parts, args.jobs)
-        timing.write_text(json.dumps({"seconds": time.perf_counter() - t,
-                                      "n_datasets": args.datasets, "n_cells": args.cells,
-                                      "jobs": args.jobs}))
+        records = per_dataset_stages(subset(corpus, work, args.datasets), large_parts, args.jobs)
+        timing.write_text(json.dumps({
+            "seconds": time.perf_counter() - t, "n_datasets": args.datasets,
+            "n_cells": args.cells, "jobs": args.jobs,
+            # the driver process of a machine (its workers are separate processes)
+            "driver_peak_rss_mib": max(r["peak_rss_mib"] for r in records)}))
     res = {"build": json.loads(timing.read_text())}
     print("per-dataset stages: " + json.dumps(res["build"]), flush=True)
     if not all((d / "part.json").exists() for d in small_parts):

@@ -24,12 +24,16 @@ identical to a single run over all datasets. The merge's packing can be split ov
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
+import itertools
 import json
 import logging
 import multiprocessing
 import os
 import sys
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -99,12 +103,9 @@ def scan_dataset(spec: DatasetSpec, genes_dir: Path, cfg: BuildConfig) -> dict |
     key = {"version": SCAN_VERSION, "spec": spec.to_config(), "file_bytes": size,
            "config": cfg.ingest.fingerprint()}
     key["spec"].pop("multiplier")
-    try:
-        done = json.loads(gzip.decompress(path.read_bytes()))
-        if done["key"] == key:
-            return done["genes"]
-    except (OSError, EOFError, ValueError, KeyError):
-        pass
+    done = _read_scan(path)
+    if done is not None and done["key"] == key:
+        return done["genes"]
     try:
         found = scan_genes(spec, cfg.ingest).to_json()
     except DatasetError:
@@ -114,46 +115,82 @@ def scan_dataset(spec: DatasetSpec, genes_dir: Path, cfg: BuildConfig) -> dict |
     return found
 
 
+def _read_scan(path: Path) -> dict | None:
+    try:
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        return doc if {"key", "genes"} <= set(doc) else None
+    except (OSError, EOFError, ValueError):
+        return None
+
+
 def symbol_map(specs: list[DatasetSpec], work: Path, cfg: BuildConfig, jobs: int,
-               progress) -> tuple[SymbolMap, list[FileGenes | None]]:
+               progress) -> tuple[Path, list[bool]]:
     """The build's symbol -> id map from every dataset's var (not only this machine's share),
-    the gene tables and the vocabulary being extended; saved to ``work/genes/symbols.tsv``.
-    Returns it with each dataset's ``FileGenes`` (None where the file is unreadable)."""
+    the gene tables and the vocabulary being extended, saved to ``work/genes/symbols.tsv``;
+    returns that path and which datasets' gene names could be read.
+
+    The datasets' genes stream through (each file's scan is folded into the map and dropped):
+    the build holds the map, O(distinct genes), never every dataset's gene names, which at
+    tens of thousands of datasets would be tens of GB."""
     tables = {curie: read_gene_table(path, curie) for curie, path in cfg.gene_tables.items()}
     genes_dir = work / "genes"
     genes_dir.mkdir(parents=True, exist_ok=True)
-    scans = [None if d is None else FileGenes.from_json(d)
-             for d in _map(scan_dataset, [(s, genes_dir, cfg) for s in specs], jobs,
-                           progress(len(specs), "gene names"))]
+    readable: list[bool] = []
+
+    def scans():
+        for d in _imap(scan_dataset, [(s, genes_dir, cfg) for s in specs], jobs,
+                       progress(len(specs), "gene names")):
+            readable.append(d is not None)
+            if d is not None:
+                yield FileGenes.from_json(d)
+
     previous = SymbolMap(GeneVocab.load(cfg.vocab).aliases()) if cfg.vocab else None
-    symbols = SymbolMap.build([g for g in scans if g is not None], tables, previous)
-    symbols.save(genes_dir / SYMBOLS_FILE)
-    return symbols, scans
+    symbols = SymbolMap.build(scans(), tables, previous)
+    path = genes_dir / SYMBOLS_FILE
+    symbols.save(path)
+    return path, readable
 
 
 def _map(fn, arg_tuples: list[tuple], jobs: int, bar) -> list:
     """``[fn(*a) for a in arg_tuples]``, in ``jobs`` processes when > 1, in order."""
-    out = []
+    return list(_imap(fn, arg_tuples, jobs, bar))
+
+
+def _imap(fn, arg_tuples: list[tuple], jobs: int, bar) -> Iterator:
+    """``fn(*a) for a in arg_tuples``, in ``jobs`` processes when > 1, yielded in order and
+    not kept: at most ``2 * jobs`` calls are in flight, so results that finish ahead of a slow
+    one do not pile up."""
     if jobs <= 1:
         for args in arg_tuples:
-            out.append(fn(*args))
+            yield fn(*args)
             bar.update(1)
     else:
         with ProcessPoolExecutor(jobs, mp_context=mp_context()) as pool:
-            for fut in [pool.submit(fn, *args) for args in arg_tuples]:
-                out.append(fut.result())
+            todo = iter(arg_tuples)
+            pending = deque(pool.submit(fn, *a) for a in itertools.islice(todo, 2 * jobs))
+            while pending:
+                result = pending.popleft().result()
+                for a in itertools.islice(todo, 1):
+                    pending.append(pool.submit(fn, *a))
+                yield result
                 bar.update(1)
     bar.close()
-    return out
 
 
 def process_dataset(spec: DatasetSpec, work: Path, cfg: BuildConfig,
-                    symbols: SymbolMap) -> dict:
+                    symbols_file: Path | None) -> dict:
     """Ingest + graph of one dataset (in a worker process). Returns the record's outcome fields;
-    a bad dataset becomes ``status="rejected"`` unless ``cfg.strict``."""
+    a bad dataset becomes ``status="rejected"`` unless ``cfg.strict``. ``symbols_file``: the
+    build's symbol map (None when the file's gene names could not be read); the dataset gets the
+    part of it its genes use, so its artifact is rebuilt only when that part changes."""
     d = work / spec.name
     try:
-        ds = ingest_dataset(spec, d / "ingest", cfg.ingest, symbols)
+        used = SymbolMap()
+        if symbols_file is not None:
+            scan = _read_scan(symbols_file.parent / f"{spec.name}.json.gz")
+            genes = FileGenes.from_json(scan["genes"])
+            used = _load_symbols(symbols_file).restrict(genes.organism, genes.symbols_to_map())
+        ds = ingest_dataset(spec, d / "ingest", cfg.ingest, used)
         if ds.n_cells:
             held = held_out_cells(spec.name, ds.n_cells, cfg.pack, cfg.seed)
             build_graph(ds, d / "graph", cfg.graph, seed=cfg.seed, held=held)
@@ -178,19 +215,27 @@ def count_cells(path: Path) -> int:
 
 def run_datasets(specs: list[DatasetSpec], given: list[str], indices: list[int], work: Path,
                  cfg: BuildConfig, jobs: int, progress,
-                 symbols: SymbolMap, scans: list[FileGenes | None]) -> list[DatasetRecord]:
-    """The per-dataset stages for ``specs[i] for i in indices``, in ``jobs`` processes. Each
-    dataset gets the part of ``symbols`` its genes use (so its artifact is rebuilt only when
-    that part changes)."""
+                 symbols_file: Path, readable: list[bool]) -> list[DatasetRecord]:
+    """The per-dataset stages for ``specs[i] for i in indices``, in ``jobs`` processes."""
     records = {i: DatasetRecord(index=i, name=specs[i].name, path=given[i],
                                 multiplier=specs[i].multiplier) for i in indices}
-    tasks = [(specs[i], work / "datasets", cfg,
-              SymbolMap() if scans[i] is None else
-              symbols.restrict(scans[i].organism, scans[i].symbols_to_map())) for i in indices]
+    tasks = [(specs[i], work / "datasets", cfg, symbols_file if readable[i] else None)
+             for i in indices]
     outcomes = _map(process_dataset, tasks, jobs, progress(len(indices), "ingest + graph"))
     for i, outcome in zip(indices, outcomes):
         _apply(records[i], outcome)
     return [records[i] for i in indices]
+
+
+def _load_symbols(path: Path) -> SymbolMap:
+    """The build's symbol map, read once per process (again when the file is replaced)."""
+    st = path.stat()
+    return _symbols_at(path, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _symbols_at(path: Path, inode: int, mtime_ns: int, size: int) -> SymbolMap:
+    return SymbolMap.load(path)
 
 
 def _apply(rec: DatasetRecord, outcome: dict) -> None:
@@ -243,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         given = given_paths(specs, args.inputs, args.sheet)
         check_pack_config(cfg.pack, [s.name for s in specs])
         indices = list(range(args.machine_index, len(specs), args.num_machines))
-        symbols, scans = symbol_map(specs, out / "work", cfg, args.jobs, progress)
+        symbols_file, readable = symbol_map(specs, out / "work", cfg, args.jobs, progress)
         records = run_datasets(specs, given, indices, out / "work", cfg, args.jobs, progress,
-                               symbols, scans)
+                               symbols_file, readable)
+        symbols = _load_symbols(symbols_file)
         if args.num_machines > 1:
             write_part(out, records, cfg, len(specs), args.num_machines, args.machine_index,
                        symbols)
