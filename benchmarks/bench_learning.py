@@ -11,8 +11,10 @@ cells: cell-type accuracy and macro-F1, reconstruction Pearson. Variants:
 - ``reference``: every switch off: raw token sum, cell tokens read genes by cross-attention only,
   the reference's per-label BCE;
 - ``all``: the defaults (normalised token parts with the neighbour part starting at 0, pooled
-  readout, softmax classification);
-- ``no_<switch>``: the defaults with one switch back to the reference's form.
+  readout with attention weights, softmax classification);
+- ``no_<switch>``: the defaults with one switch back to the reference's form;
+- ``uniform_pooled_weights``: the defaults with the pooled readout's plain mean (its form
+  before the attention weights).
 
 Variants run as separate processes (``--jobs`` at a time, one thread each); the majority class of
 the held-out cells is printed for scale. A falling loss is not the measure: held-out accuracy is.
@@ -46,6 +48,7 @@ VARIANTS = {
     "no_token_norm": {"token_norm": False},
     "no_neighbour_scale_0": {"neighbour_scale_init": 1.0},
     "no_pooled_readout": {"pooled_readout": False},
+    "uniform_pooled_weights": {"pooled_weights": "uniform"},
     "no_softmax (bce)": {"classification": "bce"},
 }
 
