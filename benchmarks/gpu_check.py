@@ -3,7 +3,8 @@ encoder, and the trainer under DeepSpeed (NCCL, bf16, ZeRO-2) with evaluation, a
 kill and a resume. Started by ``bash benchmarks/gpu_check.sh`` (which installs what the machine
 lacks from prepared wheels); writes ``OUT/gpu_check.json`` with top-level keys ``device``,
 ``kernels`` and ``trainer`` after every part (a run stopped by a time limit keeps what it did),
-and prints a table.
+and at the end prints its figures as markdown tables, the device named, and writes them to
+``OUT/gpu_check.md`` (``--report-from OUT/gpu_check.json`` writes them from the JSON alone).
 
 On a GPU (about 6 minutes on one H100/H200):
 - kernel correctness: the criss-cross kernels in bf16 and fp32 against float64 math, forward and
@@ -377,46 +378,61 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[dict], keys: list[str]) -> str:
-    lines = [" | ".join(keys)]
-    lines += [" | ".join(_fmt(r.get(k)) for k in keys) for r in rows]
+    """A markdown table (what docs/benchmarks takes as it is)."""
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def print_report(result: dict) -> None:
+def report(result: dict) -> str:
+    """The figures of a (possibly partial) result as markdown, the device named."""
     dev = result["device"]
-    print(f"\n== gpu_check on {dev['name']} (torch {dev['torch']}, triton {dev['triton']}, "
-          f"deepspeed {dev.get('deepspeed')})")
+    out = [f"## gpu_check on {dev['name']}", "",
+           f"torch {dev['torch']}, triton {dev['triton']}, deepspeed {dev.get('deepspeed')}, "
+           f"Python {dev.get('python')}" + (f", CUDA {dev['cuda']}, NCCL {dev['nccl']}, "
+                                            f"{dev['multiprocessors']} SMs, "
+                                            f"{dev['memory_gib']:.0f} GiB" if "cuda" in dev
+                                            else "")]
     k = result.get("kernels", {})
     if "correctness" in k:
-        print("\n-- criss-cross kernels vs float64 (max |err| / max |exact|), model layouts")
-        print(table(k["correctness"], ["shapes", "dtype", "N", "M", "H", "D", *NAMES, "tol",
-                                       "ok"]))
+        out += ["", "### Criss-cross kernels vs float64 (max |err| / max |exact|), model layouts",
+                "", table(k["correctness"], ["shapes", "dtype", "N", "M", "H", "D", *NAMES,
+                                             "tol", "ok"])]
     if "determinism" in k:
-        print(f"\n-- repeated backward: {k['determinism']}")
+        out += ["", f"Repeated backward: {k['determinism']}"]
     if isinstance(k.get("speed"), list):
-        print("\n-- kernel speed (B=16, H=8, M=200, D=64, bf16; ms, TFLOP/s, % of roofline)")
-        print(table(k["speed"], ["N", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_TFLOPs",
-                                 "fwd_bwd_TFLOPs", "fwd_bwd_pct_roofline", "peak_fwd_bwd_MiB",
-                                 "error"]))
+        out += ["", "### Kernel speed (B=16, H=8, M=200, D=64, bf16; ms, TFLOP/s, % of roofline)",
+                "", table(k["speed"], ["N", "impl", "fwd_ms", "bwd_ms", "fwd_bwd_ms",
+                                       "fwd_TFLOPs", "fwd_bwd_TFLOPs", "fwd_bwd_pct_roofline",
+                                       "peak_fwd_bwd_MiB", "error"])]
     if isinstance(k.get("deepset"), list):
-        print("\n-- DeepSet encoder")
-        print(table(k["deepset"], ["impl", "N", "d", "dtype", "rel_err_out", "rel_err_grad_x",
-                                   "fwd_ms", "fwd_bwd_ms", "fwd_bwd_pct_roofline",
-                                   "peak_fwd_bwd_mib"]))
+        out += ["", "### DeepSet encoder", "",
+                table(k["deepset"], ["impl", "N", "d", "dtype", "rel_err_out", "rel_err_grad_x",
+                                     "fwd_ms", "fwd_bwd_ms", "fwd_bwd_pct_roofline",
+                                     "peak_fwd_bwd_mib"])]
     for part in ("speed", "deepset"):
         if isinstance(k.get(part), str):
-            print(f"\n-- kernels/{part}: {k[part]}")
+            out += ["", f"kernels/{part}: {k[part]}"]
     t = result.get("trainer")
     if isinstance(t, dict) and "runs" in t:
-        print(f"\n-- trainer: {t['model']}, context {t['context']}, batch {t['batch_per_rank']}, "
-              f"{t['precision']}, ZeRO-{t['zero_stage']}, {t['backend']}, {t['steps']} steps")
+        out += ["", f"### Trainer: {t['model']}, context {t['context']}, batch "
+                    f"{t['batch_per_rank']}, {t['precision']}, ZeRO-{t['zero_stage']}, "
+                    f"{t['backend']}, {t['steps']} steps", ""]
         rows = [{"run": n, **r} for n, r in t["runs"].items()]
-        print(table(rows, ["run", "seconds", "cells_per_s", "tokens_per_s", "tflops_per_s",
-                           "mfu", "cuda_max_gib", "final_loss", "skipped"]))
-        print(f"resume: {t.get('resume')}")
+        out += [table(rows, ["run", "seconds", "cells_per_s", "tokens_per_s", "tflops_per_s",
+                             "mfu", "cuda_max_gib", "final_loss", "skipped"]), "",
+                f"Resume: {t.get('resume')}"]
     elif t is not None:
-        print(f"\n-- trainer: {t}")
-    print(f"\nverdict: {result.get('verdict')}  ({result.get('elapsed_s', 0):.0f} s)")
+        out += ["", f"Trainer: {t}"]
+    out += ["", f"Verdict: {result.get('verdict', 'unfinished')}  "
+                f"({result.get('elapsed_s', 0):.0f} s)"]
+    return "\n".join(out) + "\n"
+
+
+def write_report(result: dict, out: Path) -> None:
+    text = report(result)
+    print("\n" + text)
+    atomic.write_text(out / "gpu_check.md", text)
 
 
 def verdict(result: dict) -> str:
@@ -443,7 +459,14 @@ def main() -> int:
     parser.add_argument("--shards", default=None, help="existing shards (default: build them)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no part after this many seconds")
+    parser.add_argument("--report-from", default=None, metavar="JSON",
+                        help="only write the markdown report of an earlier run's gpu_check.json "
+                             "(e.g. one stopped by a time limit) beside it")
     args = parser.parse_args()
+    if args.report_from:
+        path = Path(args.report_from)
+        write_report(json.loads(path.read_text()), path.parent)
+        return 0
     if not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --cpu for the steps that need no GPU")
     out = Path(args.out).resolve()
@@ -483,8 +506,8 @@ def main() -> int:
     result["elapsed_s"] = time.time() - began
     result["verdict"] = verdict(result)
     write(result, out)
-    print_report(result)
-    print(f"\nwrote {out / 'gpu_check.json'}")
+    write_report(result, out)
+    print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     return 0 if result["verdict"] == "PASS" else 1
 
 

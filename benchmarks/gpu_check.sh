@@ -3,8 +3,9 @@
 #
 #     bash benchmarks/gpu_check.sh [--out DIR] [--cpu] [--budget-s S] [--shards DIR]
 #
-# writes DIR/gpu_check.json (keys device, kernels, trainer; default DIR out/gpu_check) and prints
-# a table; exits 1 unless every check passed. --cpu runs the steps that need no GPU.
+# writes DIR/gpu_check.json (keys device, kernels, trainer; default DIR out/gpu_check) and
+# DIR/gpu_check.md (the figures as markdown tables, also printed); exits 1 unless every check
+# passed. --cpu runs the steps that need no GPU.
 #
 # On a machine with its own torch and triton but without this project's other needs (DeepSpeed,
 # webdataset, anndata, ...) and without internet, it installs them from the wheels `make

@@ -45,7 +45,17 @@ def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
     resume = trainer["resume"]
     assert resume["resumed_from_step"] == 2 and resume["steps_compared"] == 4
     assert resume["losses_match_bitwise"] and resume["eval_losses_match"]
-    assert "-- trainer: tiny" in run.stdout and "verdict: PASS" in run.stdout
+    assert "### Trainer: tiny" in run.stdout and "Verdict: PASS" in run.stdout
+    # the same figures as markdown beside the JSON, and again from the JSON alone (a run stopped
+    # by a time limit keeps its JSON but never reaches its report)
+    md = (out / "gpu_check.md").read_text()
+    assert "| run | seconds | cells_per_s |" in md and "|---|---|" in md
+    (out / "gpu_check.md").unlink()
+    again = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--report-from",
+                            str(out / "gpu_check.json")], cwd=repo_root, env=_env(repo_root),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "gpu_check.md").read_text() == md
 
 
 @pytest.fixture
