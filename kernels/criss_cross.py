@@ -28,6 +28,7 @@ be expanded along the batch (stride 0): strides go to the kernels, nothing is co
 gradients come back in the expanded shape so autograd's expand backward sums them over the batch.
 """
 
+import functools
 import math
 
 import torch
@@ -42,7 +43,7 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SM_TARGET_PROGRAMS = 264  # ~2 waves of an H100's 132 SMs: enough programs to fill the GPU
+_INTERPRETER_TARGET_PROGRAMS = 264  # as on an H100 or H200 (132 SMs), so tests split like one
 
 
 def _check(q_x, k_x, v_x, q_z, k_z, v_z, x_mask):
@@ -248,10 +249,19 @@ def _launch_options(dtype: torch.dtype, d: int, backward: bool) -> dict:
     )
 
 
-def _splits(n_items: int, block: int, other_programs: int) -> tuple[int, int]:
+@functools.cache
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device: two per multiprocessor (two waves of one program each)."""
+    if device.type != "cuda":
+        return _INTERPRETER_TARGET_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(n_items: int, block: int, other_programs: int,
+            device: torch.device) -> tuple[int, int]:
     """Split n_items into chunks (multiples of block) so the grid has enough programs."""
     n_blocks = triton.cdiv(n_items, block)
-    want = max(1, min(n_blocks, triton.cdiv(_SM_TARGET_PROGRAMS, max(1, other_programs))))
+    want = max(1, min(n_blocks, triton.cdiv(_target_programs(device), max(1, other_programs))))
     per_split = triton.cdiv(n_blocks, want) * block
     return triton.cdiv(n_items, per_split), per_split
 
@@ -273,7 +283,7 @@ def _attend(q, k, v, mask):
     block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
     block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
     n_q_blocks = triton.cdiv(LQ, block_q)
-    n_splits, keys_per_split = _splits(LK, block_k, n_q_blocks * B * H)
+    n_splits, keys_per_split = _splits(LK, block_k, n_q_blocks * B * H, q.device)
     f32 = torch.float32
     if n_splits == 1:
         out = torch.empty((1, B, H, LQ, D), device=q.device, dtype=q.dtype)
@@ -309,7 +319,7 @@ def _attend_backward(q, k, v, mask, out, d_out, lse, deterministic: bool):
     block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
     block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
     n_k_blocks = triton.cdiv(LK, block_k)
-    n_splits, queries_per_split = _splits(LQ, block_q, n_k_blocks * B * H)
+    n_splits, queries_per_split = _splits(LQ, block_q, n_k_blocks * B * H, q.device)
     f32 = torch.float32
     partials = n_k_blocks if deterministic and n_k_blocks > 1 else 1
     dq_atomic = n_k_blocks > 1 and partials == 1
