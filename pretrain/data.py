@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_prep.shard_format import CONTEXT_GENES, MAX_NEIGHBOURS
 from pretrain.batches import BatchBuilder, Item
 from pretrain.random_streams import keyed
-from pretrain.shard_stream import POSITION, STATS, ShardStream, packed_epochs, read_manifest
+from pretrain.shard_stream import POSITION, STATS, ShardStream, ShardTable
 
 
 @dataclass
@@ -96,9 +96,10 @@ class CellBatches(IterableDataset):
     """Whole batches from one slot per (rank, worker); iterate it directly for one process."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0) -> None:
+                 start_batch: int = 0, table: ShardTable | None = None) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.start_batch = start_batch
+        self.table = table  # the manifest's shards (read from it when None)
         self.stream: ShardStream | None = None
 
     def __iter__(self) -> Iterator[dict]:
@@ -109,7 +110,7 @@ class CellBatches(IterableDataset):
         worker = ((info.id if info else 0) + self.start_batch) % n_workers
         slot, n_slots = self.rank * n_workers + worker, self.world_size * n_workers
         b = max(0, -(-(self.start_batch - worker) // n_workers))
-        self.stream = stream = ShardStream(self.cfg, slot, n_slots)
+        self.stream = stream = ShardStream(self.cfg, slot, n_slots, self.table)
         build, B = BatchBuilder(self.cfg), self.cfg.batch_size
         items: list[Item] = []
         for item in stream.samples(b * B):
@@ -132,13 +133,15 @@ class CellLoader:
         self.batches = 0  # batches handed to the trainer: the stream position
         self.stats = dict.fromkeys(STATS + POSITION, 0)
         self._worker_stats: dict[int, list[int]] = {}
+        self.table = ShardTable.read(cfg.shards, cfg.split)  # once per rank, not per worker
         if cfg.split == "eval":
             n_slots = self.world_size * max(cfg.num_workers, 1)
-            sizes = [ShardStream(cfg, self.rank * max(cfg.num_workers, 1) + w, n_slots)
-                     .epoch_size(0) for w in range(max(cfg.num_workers, 1))]
+            sizes = [ShardStream(cfg, self.rank * max(cfg.num_workers, 1) + w, n_slots,
+                                 self.table).epoch_size(0)
+                     for w in range(max(cfg.num_workers, 1))]
             self.n_batches = sum(-(-s // cfg.batch_size) for s in sizes)
         else:
-            self.epochs = packed_epochs(read_manifest(cfg.shards)["shards"])
+            self.epochs = self.table.epochs()
 
     def state_dict(self) -> dict:
         state = {"batches": self.batches, "seed": self.cfg.seed, "rank": self.rank,
@@ -172,7 +175,7 @@ class CellLoader:
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         start = self.batches if cfg.split == "train" else 0
-        data = CellBatches(cfg, self.rank, self.world_size, start_batch=start)
+        data = CellBatches(cfg, self.rank, self.world_size, start_batch=start, table=self.table)
         loader = DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=cfg.pin_memory,
                             persistent_workers=False)

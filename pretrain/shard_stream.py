@@ -35,6 +35,7 @@ import os
 import tarfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -79,20 +80,19 @@ class ShardStream:
     belong to this slot, so a resumed stream finds its place from the manifest alone.
     """
 
-    def __init__(self, cfg, slot: int, n_slots: int) -> None:
+    def __init__(self, cfg, slot: int, n_slots: int, table: ShardTable | None = None) -> None:
         self.root = cfg.shards
-        manifest = read_manifest(cfg.shards)
-        self.shards = manifest["shards" if cfg.split == "train" else "eval_shards"]
-        if not self.shards:
-            raise ValueError(f"{self.root}: the manifest lists no {cfg.split} shards")
+        self.table = table if table is not None else ShardTable.read(cfg.shards, cfg.split)
         self.train = cfg.split == "train"
-        self.epochs = packed_epochs(self.shards) if self.train else [0]
-        of = [e.get("epoch", 0) if self.train else 0 for e in self.shards]
-        self.epoch_shards = [np.flatnonzero(np.array(of) == e) for e in self.epochs]
+        self.epochs = self.table.epochs()
+        self.epoch_shards = [np.flatnonzero(self.table.epoch == e) for e in self.epochs]
         self.slot, self.n_slots = slot, n_slots
         self.seed, self.block = cfg.seed, cfg.shuffle_buffer if self.train else 1
-        self.sources = [locate(cfg.shards, e["path"]) for e in self.shards]
-        self.readers = [_pick_reader(cfg.reader, src) for src in self.sources]
+        if cfg.reader == "mmap" and self.table.url.any():
+            src = self.table.source(int(np.argmax(self.table.url)))
+            raise ValueError(f"{src}: the mmap reader needs a local shard file; use "
+                             "reader='auto' or 'webdataset' for URLs and pipe: specs")
+        self.reader = cfg.reader
         self.stats = dict.fromkeys(STATS + POSITION, 0)
         self.zstd = zstandard.ZstdDecompressor()
 
@@ -106,10 +106,17 @@ class ShardStream:
         order = self.epoch_shards[epoch % len(self.epochs)]
         if self.train:
             order = keyed(self.seed, 0, epoch).permutation(order)
+        n_samples = self.table.n_samples
         if self.by_sample(epoch):
-            return [(int(s), len(range(self.slot, self.shards[s]["n_samples"], self.n_slots)))
+            return [(int(s), len(range(self.slot, int(n_samples[s]), self.n_slots)))
                     for s in order]
-        return [(int(s), self.shards[s]["n_samples"]) for s in order[self.slot :: self.n_slots]]
+        return [(int(s), int(n_samples[s])) for s in order[self.slot :: self.n_slots]]
+
+    def reader_of(self, shard: int) -> str:
+        """``"mmap"`` or ``"webdataset"``: how ``shard`` is read (DataConfig.reader)."""
+        if self.reader != "auto":
+            return self.reader
+        return "webdataset" if self.table.url[shard] else "mmap"
 
     def epoch_size(self, epoch: int) -> int:
         return sum(n for _, n in self.plan(epoch))
@@ -164,8 +171,8 @@ class ShardStream:
 
     def _read(self, shard: int, skip: int, by_sample: bool) -> Iterator[list[Item]]:
         """This slot's valid samples of one shard after its first ``skip`` ones, in runs."""
-        src = self.sources[shard]
-        chunks = _mmap_chunks(src) if self.readers[shard] == "mmap" else _wds_chunks(src)
+        src = self.table.source(shard)
+        chunks = _mmap_chunks(src) if self.reader_of(shard) == "mmap" else _wds_chunks(src)
         seen = kept = 0  # .cell members of the shard / of this slot
         try:
             for raw, keys, offs, sizes in chunks:
@@ -211,19 +218,50 @@ class ShardStream:
         return items
 
 
-def packed_epochs(shards: list[dict]) -> list[int]:
-    """The packed epochs of a manifest's train shards, in reading order (a manifest without
-    epochs is one epoch, 0)."""
-    return sorted({e.get("epoch", 0) for e in shards})
+@dataclass(frozen=True)
+class ShardTable:
+    """One split's shards of a manifest as arrays: what a stream needs of them.
 
+    A manifest lists every shard of every packed epoch: 350,000 a epoch for the reference corpus
+    at 1,000 samples a shard, ~150 MB a epoch as parsed JSON in every process that keeps it. The
+    table is ~60 bytes a shard; a rank reads the manifest once and its DataLoader workers
+    inherit the table.
+    """
 
-def _pick_reader(reader: str, src: str) -> str:
-    if reader == "auto":
-        return "webdataset" if is_url(src) else "mmap"
-    if reader == "mmap" and is_url(src):
-        raise ValueError(f"{src}: the mmap reader needs a local shard file; use reader='auto' "
-                         "or 'webdataset' for URLs and pipe: specs")
-    return reader
+    root: str
+    paths: np.ndarray  # each shard's manifest path, utf-8 (dtype S)
+    n_samples: np.ndarray  # int64
+    epoch: np.ndarray  # int64: the packed epoch of each train shard (0: eval shards, old builds)
+    url: np.ndarray  # bool: read from a URL or pipe: spec (else a local file)
+
+    @classmethod
+    def read(cls, root: str, split: str) -> ShardTable:
+        entries = read_manifest(root)["shards" if split == "train" else "eval_shards"]
+        if not entries:
+            raise ValueError(f"{root}: the manifest lists no {split} shards")
+        train = split == "train"
+        paths = [e["path"].removeprefix("file://") for e in entries]
+        # is_url(locate(root, path)) without joining each path to the root (seconds a epoch)
+        root_url = is_url(root)
+        url = [is_url(p) or (root_url and not os.path.isabs(p)) for p in paths]
+        return cls(
+            root=root,
+            paths=np.array([e["path"].encode() for e in entries]),
+            n_samples=np.array([e["n_samples"] for e in entries], dtype=np.int64),
+            epoch=np.array([e.get("epoch", 0) if train else 0 for e in entries], dtype=np.int64),
+            url=np.array(url, dtype=bool),
+        )
+
+    def __len__(self) -> int:
+        return self.paths.shape[0]
+
+    def epochs(self) -> list[int]:
+        """The packed epochs, in reading order (a manifest without epochs is one epoch, 0)."""
+        return np.unique(self.epoch).tolist()
+
+    def source(self, shard: int) -> str:
+        """Shard ``shard`` as a local file or a URL/pipe spec."""
+        return locate(self.root, self.paths[shard].decode())
 
 
 def read_manifest(root: str) -> dict:

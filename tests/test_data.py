@@ -23,10 +23,12 @@ from data_prep.shard_format import (
     CellSample,
     FormatVersionError,
     encode_sample,
+    is_url,
+    locate,
     sample_key,
 )
 from pretrain.data import CellBatches, CellLoader, DataConfig
-from pretrain.shard_stream import ShardStream
+from pretrain.shard_stream import ShardStream, ShardTable
 
 # Real files, cells taken from each, and their taxon.
 SOURCES = (
@@ -168,8 +170,9 @@ def test_webdataset_reader_gives_the_same_batches(shards, tmp_path):
     for e in manifest["shards"]:
         e["path"] = f"pipe:cat {shards / e['path']}"
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert ShardStream(_cfg(tmp_path), 0, 1).readers == ["webdataset"] * N_SHARDS
-    assert ShardStream(_cfg(shards), 0, 1).readers == ["mmap"] * N_SHARDS
+    for root, reader in ((tmp_path, "webdataset"), (shards, "mmap")):
+        stream = ShardStream(_cfg(root), 0, 1)
+        assert [stream.reader_of(s) for s in range(N_SHARDS)] == [reader] * N_SHARDS
     a = itertools.islice(iter(CellBatches(_cfg(shards))), 4)
     b = itertools.islice(iter(CellBatches(_cfg(shards, reader="webdataset"))), 4)
     c = itertools.islice(iter(CellBatches(_cfg(tmp_path))), 4)
@@ -177,6 +180,28 @@ def test_webdataset_reader_gives_the_same_batches(shards, tmp_path):
         assert all(torch.equal(x[k], y[k]) and torch.equal(x[k], z[k]) for k in x)
     with pytest.raises(ValueError, match="mmap reader needs a local"):
         ShardStream(_cfg(tmp_path, reader="mmap"), 0, 1)
+
+
+def test_shard_table_is_the_manifest_in_arrays(shards, tmp_path):
+    """What a stream keeps of the manifest: each shard's source and whether it is remote as the
+    manifest's paths give them (relative, absolute, file://, URL, pipe:; under a plain and a
+    file:// root), its samples and epoch; a rank's loader reads it once for its workers."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    forms = [lambda p: p, lambda p: str(shards / p), lambda p: f"file://{shards / p}",
+             lambda p: f"https://example.org/{p}", lambda p: f"pipe:cat {shards / p}",
+             lambda p: f"file://{p}"]
+    for e, form in zip(manifest["shards"], forms, strict=True):
+        e["path"] = form(e["path"])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for root in (str(tmp_path), f"file://{tmp_path}"):
+        table = ShardTable.read(root, "train")
+        assert len(table) == N_SHARDS and table.epochs() == [0]
+        for s, e in enumerate(manifest["shards"]):
+            assert table.source(s) == locate(root, e["path"])
+            assert table.url[s] == is_url(locate(root, e["path"]))
+            assert table.n_samples[s] == e["n_samples"] and table.epoch[s] == 0
+    loader = CellLoader(_cfg(shards, num_workers=2), rank=0, world_size=1)
+    assert next(iter(loader))["gene_ids"].shape[0] == 8  # workers stream from the rank's table
 
 
 def test_seed_reproduces_and_changes_the_stream(shards):
