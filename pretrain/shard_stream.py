@@ -222,8 +222,8 @@ class ShardStream:
 class ShardTable:
     """One split's shards of a manifest as arrays: what a stream needs of them.
 
-    A manifest lists every shard of every packed epoch: 350,000 a epoch for the reference corpus
-    at 1,000 samples a shard, ~150 MB a epoch as parsed JSON in every process that keeps it. The
+    A manifest lists every shard of every packed epoch: 350,000 an epoch for the reference corpus
+    at 1,000 samples a shard, ~150 MB an epoch as parsed JSON in every process that keeps it. The
     table is ~60 bytes a shard; a rank reads the manifest once and its DataLoader workers
     inherit the table.
     """
@@ -241,7 +241,7 @@ class ShardTable:
             raise ValueError(f"{root}: the manifest lists no {split} shards")
         train = split == "train"
         paths = [e["path"].removeprefix("file://") for e in entries]
-        # is_url(locate(root, path)) without joining each path to the root (seconds a epoch)
+        # is_url(locate(root, path)) without joining each path to the root (seconds an epoch)
         root_url = is_url(root)
         url = [is_url(p) or (root_url and not os.path.isabs(p)) for p in paths]
         return cls(
