@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from checkouts import run_in_checkout  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -98,12 +99,7 @@ print(json.dumps({"samples_per_s": int(bounds[n + 1] - bounds[1]) / seconds,
 def pack_rate(repo: Path, plan: Path, n_shards: int) -> dict:
     """Samples/s of one process packing ``n_shards`` shards of ``plan`` with the code of
     checkout ``repo``."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", PACK_RATE, str(repo), str(plan), str(n_shards)],
-                          cwd=repo, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"packing {plan} with {repo} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_checkout(PACK_RATE, repo, plan, n_shards, env={"OMP_NUM_THREADS": "1"})
 
 
 def datasets_per_shard(plan: Path, n_shards: int) -> float:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from checkouts import run_in_checkout  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -44,15 +45,6 @@ held, peak = tracemalloc.get_traced_memory()
 print(json.dumps({"held_mb": held / 1e6, "peak_mb": peak / 1e6, "seconds": seconds,
                   "slot_samples": stream.epoch_size(0)}))
 """
-
-
-def measure(repo: Path, root: Path) -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(root)], cwd=repo,
-                          capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise SystemExit(f"{repo}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def corpus_manifest(build: Path, out: Path, per_epoch: int, epochs: int) -> int:
@@ -86,7 +78,7 @@ def main() -> None:
         print(f"manifest of {n:,} train shards ({args.epochs} epoch(s)): {size / 1e6:.1f} MB")
         checkouts = {"this": REPO} | ({"previous": Path(args.previous)} if args.previous else {})
         for name, repo in checkouts.items():
-            r = measure(repo, root)
+            r = run_in_checkout(CHILD, repo, root)
             print(f"{name:9s} one stream keeps {r['held_mb']:7.1f} MB ({r['held_mb'] * 1e6 / n:.0f}"
                   f" B a shard; peak {r['peak_mb']:.0f} MB while opening), opened in "
                   f"{r['seconds']:.1f} s")

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from checkouts import run_in_checkout  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -68,13 +69,8 @@ print(json.dumps({"version": shard_format.FORMAT_VERSION, "samples": n,
 
 
 def measure(repo: Path, plan: Path, out: Path, manifest: Path) -> dict:
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(repo / ".numba_cache"),
-           "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(repo), str(plan), str(out),
-                           str(manifest)], capture_output=True, text=True, env=env, cwd=repo)
-    if proc.returncode:
-        raise SystemExit(f"{repo}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_in_checkout(CHILD, repo, plan, out, manifest,
+                           env={"NUMBA_CACHE_DIR": str(repo / ".numba_cache")})
 
 
 def levels(shards: Path, chosen: list[int]) -> None:
