@@ -83,7 +83,7 @@ class BuildConfig:
 
 # How the build's settings are spelled on the command line (utils.flags): every setting
 # is ``--section.field-name``; the sections below also take the short ``--field-name`` (the
-# vocabulary sizing ``--vocab-<field>``), and two fields keep their own short names.
+# vocabulary sizing ``--vocab-<field>``), and three fields keep their own short names.
 SECTIONS = [
     flags.Section("ingest", "", "ingest settings (per dataset: QC, genes, cells)"),
     flags.Section("graph", "", "graph settings (per dataset: PCA, kNN, Leiden, pseudo-labels)"),
@@ -91,7 +91,8 @@ SECTIONS = [
     flags.Section("pack", "", "stream and shard settings"),
     flags.Section("vocab_sizing", "vocab-", "gene vocabulary sizing"),
 ]
-SHORT_NAMES = {"graph.chunk_rows": "graph-chunk-rows", "graph.n_neighbours_kept": "neighbours"}
+SHORT_NAMES = {"graph.chunk_rows": "graph-chunk-rows", "graph.chunk_nnz": "graph-chunk-nnz",
+               "graph.n_neighbours_kept": "neighbours"}
 # Set by other means: --gene-table (repeated, ORGANISM=FILE), and the neighbours stored with
 # each sample, which are the graph's (--neighbours).
 SKIP = {"gene_tables", "pack.neighbours"}

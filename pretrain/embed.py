@@ -88,7 +88,7 @@ class CellInput:
 
     def __init__(self, path: Path, organism: Organism, counts_source: str, counts: sp.csr_matrix,
                  total: np.ndarray, col2gid: np.ndarray, nbr_idx: np.ndarray,
-                 nbr_dist: np.ndarray, chunk_rows: int):
+                 nbr_dist: np.ndarray, graph: GraphConfig):
         self.path, self.organism, self.counts_source = path, organism, counts_source
         self.counts = counts  # float32 [n_cells, n_file_genes], all genes
         self.total = total  # float32 [n_cells] library size over all genes
@@ -98,7 +98,7 @@ class CellInput:
         self.compact = np.full(col2gid.shape[0], -1, dtype=np.int64)  # file column -> known col
         self.compact[known] = np.arange(int(known.sum()))
         self.genes = GeneOrder(col2gid[known])
-        self.known_total = row_totals(counts, chunk_rows, known)  # per cell counts on known genes
+        self.known_total = row_totals(counts, graph, known)  # per cell counts on known genes
 
     @property
     def n_cells(self) -> int:
@@ -190,7 +190,7 @@ def open_cells(exported: ExportedModel, adata_path: str | Path, organism: str | 
         graph = GraphConfig(**exported.graph_config)
         nb = find_neighbours(counts, neighbours, graph, seed)
         yield CellInput(path, counts_file.organism, counts_file.source, counts, arrays["total"],
-                        col2gid, nb.idx, nb.dist, graph.chunk_rows)
+                        col2gid, nb.idx, nb.dist, graph)
 
 
 def _match_genes(path: Path, exported: ExportedModel, organism: Organism,

@@ -100,6 +100,59 @@ def test_randomized_pca_matches_exact_svd(pbmc):
     np.testing.assert_array_equal(emb, pca(x, 20, 0, cfg))
 
 
+def test_streaming_chunks_bound_cells_and_counts_and_do_not_change_results(pbmc):
+    counts, _ = pbmc
+    counts = counts[:600]
+    small = GraphConfig(n_hvg=1000, chunk_rows=97, chunk_nnz=5_000)
+    chunks = list(graph_mod._csr_chunks(counts, small))
+    assert chunks[0][0] == 0 and chunks[-1][1] == counts.shape[0]
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, in order
+    nnz = np.diff(counts.indptr)
+    for start, stop in chunks:
+        assert 1 <= stop - start <= 97
+        assert nnz[start:stop].sum() <= 5_000 or stop - start == 1
+    assert any(stop - start < 97 for start, stop in chunks[:-1])  # the count bound did cut
+    one_chunk = GraphConfig(n_hvg=1000, chunk_rows=10**6, chunk_nnz=10**9)
+    genes = highly_variable_genes(counts, one_chunk)
+    np.testing.assert_array_equal(highly_variable_genes(counts, small), genes)
+    x, y = log_normalise(counts, genes, one_chunk), log_normalise(counts, genes, small)
+    for part in ("data", "indices", "indptr"):
+        np.testing.assert_array_equal(getattr(x, part), getattr(y, part))
+    dense = counts.toarray().astype(np.float64)
+    expect = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4)[:, genes]
+    np.testing.assert_allclose(x.toarray(), expect, rtol=1e-6)
+    # scipy's own column means, bit for bit (the PCA, kNN and Leiden of a rebuild stay the same)
+    np.testing.assert_array_equal(graph_mod._column_means(x, small),
+                                  np.asarray(x.mean(axis=0), dtype=np.float64).ravel())
+
+
+def test_log_normalise_and_pca_hold_the_matrix_once():
+    """The HVG matrix is the graph stage's largest array: building it and its PCA must not hold
+    a second copy (concatenated chunks, scipy's scaled copy in ``mean``, an ``astype`` copy)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, g = 4000, 1500
+    counts = sp.random(n, g, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    counts.data = rng.integers(1, 20, counts.nnz).astype(np.float32)
+    cfg = GraphConfig(n_hvg=g, chunk_nnz=50_000, dense_pca_max_entries=0)
+    genes = np.arange(g)
+    tracemalloc.start()
+    try:
+        x = log_normalise(counts, genes, cfg)
+        _, peak = tracemalloc.get_traced_memory()
+        held = x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+        assert peak < held + 3e6, (peak, held)  # + the chunk's temporaries (old code: 2 x held)
+        tracemalloc.reset_peak()
+        before, _ = tracemalloc.get_traced_memory()
+        pca(x, 20, 0, cfg)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # the randomized SVD's n x 30 float64 work arrays, far less than another x (14 MB)
+    assert peak - before < held / 2, (peak - before, held)
+
+
 def test_hvg_picks_variable_genes():
     rng = np.random.default_rng(0)
     n, g = 300, 60
