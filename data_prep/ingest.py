@@ -1,10 +1,11 @@
 """Ingest one .h5ad dataset: validated raw counts (CSR), QC, labels -> a resumable work artifact.
 
 The input is streamed in chunks of cells straight from the HDF5 file, so peak memory depends on
-the chunk size, not on the file size. Each output array is appended to a raw file while streaming
-and turned into a ``.npy`` at the end; the whole artifact is written in a temporary folder that is
-renamed into place, with ``meta.json`` written last, so a killed run leaves either nothing or a
-complete artifact (which a rerun loads instead of recomputing).
+the chunk size, not on the file size (a column-major CSC matrix is first sorted into row-range
+files beside the output, in one pass: ``csc_rows``). Each output array is appended to a raw
+file while streaming and turned into a ``.npy`` at the end; the whole artifact is written in a
+temporary folder that is renamed into place, with ``meta.json`` written last, so a killed run
+leaves either nothing or a complete artifact (which a rerun loads instead of recomputing).
 
 Which matrix holds the raw counts (``IngestConfig.counts_source="auto"``):
 1. ``layers['counts']`` if present;
@@ -48,10 +49,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata.io import read_elem, sparse_dataset
+from anndata.io import read_elem
 
 from utils import atomic
 
+from .csc_rows import CscRows
 from .genes import FileGenes, GenePlan, SymbolMap, describe_var, plan_genes
 from .organisms import resolve_organism
 from .shard_format import CLASSES, UNKNOWN, Organism
@@ -281,7 +283,8 @@ class CountsFile:
             "total": _Appender(out_dir / "total.npy", np.float32),
         }
         try:
-            _append_kept_cells(self._reader, out, self.cfg, self.plan, self.primary, progress)
+            with self._reader.by_rows(out_dir / "csc-rows", self.cfg.chunk_cells) as reader:
+                _append_kept_cells(reader, out, self.cfg, self.plan, self.primary, progress)
         finally:
             for a in out.values():
                 a.close()
@@ -352,11 +355,18 @@ def scan_genes(spec: DatasetSpec, cfg: IngestConfig) -> FileGenes:
 
 
 class _RowReader:
-    """Row chunks of an AnnData matrix element (CSR, CSC or dense) as CSR, read on demand."""
+    """Row chunks of an AnnData matrix element (CSR, CSC or dense) as CSR, read on demand.
+
+    CSR and dense matrices are sliced directly. A CSC matrix is not: a range of its rows has
+    entries in every column, so a row slice through anndata reads all the matrix's entries and
+    a file of n cells read in chunks costs O(n^2). Its rows are read inside ``by_rows``, which
+    first sorts its entries into row-range files (``csc_rows.CscRows``, one pass over them).
+    """
 
     def __init__(self, elem: h5py.Group | h5py.Dataset, path: Path, source: str):
         self.path, self.source = path, source
-        self._indptr = self._csc = None
+        self._indptr = self._csc_indptr = None
+        self._csc: CscRows | None = None
         if isinstance(elem, h5py.Dataset):
             if elem.ndim != 2:
                 raise DatasetError(path, f"{source} is not a 2-d matrix")
@@ -366,11 +376,38 @@ class _RowReader:
             if kind in ("csr_matrix", "csr"):
                 self._indptr = elem["indptr"][:].astype(np.int64)
             elif kind in ("csc_matrix", "csc"):
-                self._csc = sparse_dataset(elem)
+                self._csc_indptr = elem["indptr"][:].astype(np.int64)
             else:
                 raise DatasetError(path, f"{source}: unsupported matrix encoding {kind!r}")
             self.shape = tuple(int(x) for x in elem.attrs["shape"])
         self._elem = elem
+
+    @contextmanager
+    def by_rows(self, scratch: Path, chunk_rows: int) -> Iterator[_RowReader]:
+        """The context in which ``rows`` reads a CSC matrix in chunks of ``chunk_rows`` rows,
+        from row-range files written into ``scratch`` (removed on exit; 12-16 bytes per stored
+        count). CSR and dense matrices need none."""
+        if self._csc_indptr is None:
+            yield self
+            return
+        try:
+            try:
+                self._csc = CscRows.write(self._elem, self._csc_indptr, self.shape, scratch,
+                                          chunk_rows)
+            except ValueError as e:
+                raise DatasetError(self.path, f"{self.source}: {e}") from None
+            yield self
+        finally:
+            self._csc = None
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def first_values(self, n_rows: int) -> np.ndarray:
+        """Stored values of the first ``n_rows`` rows (of a CSC matrix: as many stored values,
+        in its order), for a look at what kind of numbers the matrix holds."""
+        if self._csc_indptr is None:
+            return self.rows(0, min(self.shape[0], n_rows)).data
+        per_row = self._csc_indptr[-1] / max(self.shape[0], 1)
+        return self._elem["data"][: int(np.ceil(per_row * n_rows))]
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         e = self._elem
@@ -379,8 +416,10 @@ class _RowReader:
             ptr = self._indptr[start : stop + 1] - a
             m = sp.csr_matrix((e["data"][a:b], e["indices"][a:b], ptr),
                               shape=(stop - start, self.shape[1]))
-        elif self._csc is not None:
-            m = sp.csr_matrix(self._csc[start:stop])
+        elif self._csc_indptr is not None:
+            if self._csc is None:
+                raise RuntimeError("rows of a CSC matrix are read inside by_rows()")
+            m = self._csc.rows(start, stop)
         else:
             block = e[start:stop]
             ncol = max(1, block.shape[1])
@@ -421,10 +460,9 @@ def _choose_counts(f: h5py.File, path: Path, cfg: IngestConfig):
 def _looks_like_counts(elem, path: Path, cfg: IngestConfig) -> bool:
     reader = _RowReader(elem, path, "X")
     try:
-        m = reader.rows(0, min(reader.shape[0], cfg.chunk_cells))
+        d = reader.first_values(cfg.chunk_cells)
     except DatasetError:
         return False
-    d = m.data
     return bool(np.all(np.isfinite(d)) and np.all(d >= 0) and np.all(d == np.round(d)))
 
 

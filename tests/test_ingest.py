@@ -153,6 +153,70 @@ def test_chunked_stream_is_identical_and_bounded(tmp_path, monkeypatch):
         assert (one.dir / f"{name}.npy").read_bytes() == (chunked.dir / f"{name}.npy").read_bytes()
 
 
+def test_csc_matrix_is_read_in_one_pass_and_gives_the_csr_artifact(tmp_path, monkeypatch):
+    """A CSC X is sorted into row ranges in one pass (each stored count read once, not once
+    per chunk of rows) and ingests byte for byte as the same matrix stored as CSR."""
+    import h5py
+
+    from data_prep import csc_rows
+
+    rng = np.random.default_rng(7)
+    x = rng.poisson(0.6, size=(57, 30)).astype(np.float32)
+    x[4] = 0
+    csr_path = write_h5ad(tmp_path / "rows.h5ad", sp.csr_matrix(x))
+    csc_path = write_h5ad(tmp_path / "cols.h5ad", sp.csc_matrix(x))
+    with h5py.File(csc_path) as f:
+        assert f["X"].attrs["encoding-type"] == "csc_matrix"
+    monkeypatch.setattr(csc_rows, "RANGE_ENTRIES", 40)  # several ranges and column blocks
+    monkeypatch.setattr(csc_rows, "BLOCK_ENTRIES", 25)
+    read = []
+    getitem = h5py.Dataset.__getitem__
+
+    def counting(self, key):
+        out = getitem(self, key)
+        if self.name.endswith("X/indices"):
+            read.append(np.size(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counting)
+    cfg = IngestConfig(min_genes=2, chunk_cells=4)
+    by_rows = run(tmp_path, csr_path, cfg)
+    read.clear()
+    by_cols = run(tmp_path, csc_path, cfg)
+    assert sum(read) == np.count_nonzero(x) and len(read) > 5
+    for name in ("indptr", "indices", "data", "cells", "nnz", "total", "label_codes"):
+        assert (by_rows.dir / f"{name}.npy").read_bytes() == \
+            (by_cols.dir / f"{name}.npy").read_bytes()
+    assert sorted(p.name for p in by_cols.dir.iterdir()) == sorted(
+        p.name for p in by_rows.dir.iterdir())  # the range files are gone
+
+
+def test_csc_matrix_errors_name_the_cell_and_the_file(tmp_path):
+    x = counts_matrix(n_cells=30, n_genes=8)
+    x[21, 5] = 2.5
+    path = write_h5ad(tmp_path / "bad_csc.h5ad", sp.csc_matrix(x))
+    with pytest.raises(DatasetError, match="non-integer") as err:
+        run(tmp_path, path, IngestConfig(min_genes=2, chunk_cells=4))
+    assert str(path) in str(err.value) and "cell 21" in str(err.value)
+    import h5py
+
+    good = write_h5ad(tmp_path / "broken_csc.h5ad", sp.csc_matrix(counts_matrix()))
+    with h5py.File(good, "r+") as f:
+        f["X/indices"][0] = 99  # a row that does not exist
+    with pytest.raises(DatasetError, match="row index outside 0..9") as err:
+        run(tmp_path, good)
+    assert str(good) in str(err.value)
+
+
+def test_normalised_csc_x_falls_back_to_raw(tmp_path):
+    x = counts_matrix()
+    lognorm = sp.csc_matrix(np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4))
+    raw = ad.AnnData(X=sp.csc_matrix(x), var=pd.DataFrame(index=[f"g{j}" for j in range(8)]))
+    ds = run(tmp_path, write_h5ad(tmp_path / "csc_raw.h5ad", lognorm, raw=raw))
+    assert ds.meta["counts_source"] == "raw.X"
+    np.testing.assert_array_equal(ds.counts.toarray(), x[ds.cells])
+
+
 def test_qc_drops_and_accounts_cells(tmp_path):
     x = counts_matrix(n_cells=12, n_genes=8, seed=1)
     x[2, :3] = 0

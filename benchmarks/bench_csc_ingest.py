@@ -1,0 +1,114 @@
+"""Ingest of a CSC count matrix against the same matrix stored as CSR, at growing cell counts.
+
+    python benchmarks/bench_csc_ingest.py [--cells 50000 100000 200000] [--depth 4]
+                                          [--work out/bench_csc] [--previous DIR]
+
+Some files store ``X`` column-major (CSC). Ingest reads cells in chunks of rows, which a CSC
+matrix cannot serve directly (a row range has entries in every column); the build now sorts its
+entries into row-range files in one pass (``data_prep/csc_rows.py``). For each size the script
+writes the first N cells of a DERIVED deep input (``data_prep.derive --depth D`` from the real
+PBMC file) as CSR and as CSC .h5ad files, then ingests each in a fresh process: this checkout on
+both, and with ``--previous DIR`` (a checkout of an earlier commit) the earlier code on the CSC
+file. It prints seconds and peak RSS per run and whether the artifacts are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from checkouts import run_in_checkout  # benchmarks/, beside this script
+
+REPO = Path(__file__).resolve().parents[1]
+PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
+ARRAYS = ("indptr", "indices", "data", "cells", "nnz", "total", "label_codes")
+
+# Run in a child with a checkout first on sys.path: one ingest.
+CHILD = r"""
+import json, resource, shutil, sys, time
+repo, src, out = sys.argv[1:4]
+sys.path.insert(0, repo)
+from pathlib import Path
+from data_prep.ingest import IngestConfig, ingest_dataset
+from data_prep.sheet import DatasetSpec
+shutil.rmtree(out, ignore_errors=True)
+t = time.perf_counter()
+ds = ingest_dataset(DatasetSpec(name=Path(src).stem, path=Path(src)), Path(out), IngestConfig())
+print(json.dumps({"seconds": time.perf_counter() - t, "cells": ds.n_cells,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in ARRAYS:
+        h.update((folder / f"{name}.npy").read_bytes())
+    return h.hexdigest()[:16]
+
+
+# Run in a child, so that this process stays small (a child's peak RSS starts from its
+# parent's at the fork): the first N cells of SRC as CSR and as CSC files.
+WRITE = r"""
+import sys
+import anndata as ad
+import scipy.sparse as sp
+src, n, csr, csc = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+a = ad.read_h5ad(src, backed="r")[:n].to_memory()
+for fmt, path in (("csr", csr), ("csc", csc)):
+    a.X = sp.csr_matrix(a.X) if fmt == "csr" else sp.csc_matrix(a.X)
+    a.write_h5ad(path)
+"""
+
+
+def inputs(work: Path, cells: list[int], depth: int, seed: int) -> dict[int, dict[str, Path]]:
+    """CSR and CSC .h5ad files of the first N cells of the derived input, for each N."""
+    src = work / f"pbmc_derived_{max(cells)}_depth{depth}.h5ad"
+    if not src.exists():
+        subprocess.run([sys.executable, "-m", "data_prep.derive", str(PBMC), "--cells",
+                        str(max(cells)), "--depth", str(depth), "--out", str(src), "--seed",
+                        str(seed)], check=True, cwd=REPO)
+    files: dict[int, dict[str, Path]] = {}
+    for n in cells:
+        files[n] = {fmt: work / f"cells{n}_{fmt}.h5ad" for fmt in ("csr", "csc")}
+        if not all(p.exists() for p in files[n].values()):
+            subprocess.run([sys.executable, "-c", WRITE, str(src), str(n),
+                            str(files[n]["csr"]), str(files[n]["csc"])], check=True)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, nargs="+", default=[50_000, 100_000, 200_000])
+    ap.add_argument("--depth", type=int, default=4, help="data_prep.derive --depth")
+    ap.add_argument("--work", default=str(REPO / "out" / "bench_csc"))
+    ap.add_argument("--previous", help="checkout of an earlier commit, measured on CSC too")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    files = inputs(work, sorted(args.cells), args.depth, args.seed)
+    runs = [("this", REPO, "csr"), ("this", REPO, "csc")]
+    if args.previous:
+        runs.append(("previous", Path(args.previous), "csc"))
+    print("| cells | stored counts | this, CSR: s / peak RSS MiB | this, CSC | "
+          + ("previous, CSC | " if args.previous else "") + "CSC / CSR | artifacts |")
+    print("|---:|---:|---:|---:|" + ("---:|" if args.previous else "") + "---:|---|")
+    for n, paths in files.items():
+        got, digests = {}, set()
+        for name, repo, fmt in runs:
+            out = work / f"ingest-{name}-{fmt}-{n}"
+            got[(name, fmt)] = run_in_checkout(CHILD, repo, paths[fmt], out)
+            digests.add(_digest(out))
+        nnz = np.load(work / f"ingest-this-csr-{n}" / "data.npy", mmap_mode="r").shape[0]
+        cell = [f"{r['seconds']:.1f} / {r['peak_rss_mib']:.0f}" for r in got.values()]
+        ratio = got[("this", "csc")]["seconds"] / got[("this", "csr")]["seconds"]
+        print(f"| {n:,} | {nnz:,} | " + " | ".join(cell) + f" | {ratio:.2f} | "
+              + ("byte-identical" if len(digests) == 1 else "DIFFER") + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
