@@ -3,7 +3,7 @@
 Ingest reads a dataset's cells in chunks of rows. A CSC matrix (column-major, as some tools and
 conversions from R write ``X``) cannot be sliced by rows: a range of rows has entries in every
 column, so a row slice through anndata reads all the matrix's entries, and reading a file of n
-cells in chunks costs O(n^2) (2.8x the time of its CSR copy at 100,000 cells, 7.5x at
+cells in chunks costs O(n^2) (4.6x the time of its CSR copy at 100,000 cells, 6.7x at
 200,000: docs/benchmarks/data_prep.md). ``CscRows.write`` makes one pass over the matrix
 instead, in blocks of whole columns, and appends each entry (row, column, value in the file's
 dtype; 12-16 bytes) to the file of its row range; ``rows`` then reads a range's file back as

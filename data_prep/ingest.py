@@ -2,10 +2,11 @@
 
 The input is streamed in chunks of cells straight from the HDF5 file, so peak memory depends on
 the chunk size, not on the file size (a column-major CSC matrix is first sorted into row-range
-files beside the output, in one pass: ``csc_rows``). Each output array is appended to a raw
-file while streaming and turned into a ``.npy`` at the end; the whole artifact is written in a
-temporary folder that is renamed into place, with ``meta.json`` written last, so a killed run
-leaves either nothing or a complete artifact (which a rerun loads instead of recomputing).
+files beside the output, in one pass: ``csc_rows``). Each output array is appended to its
+``.npy`` while streaming (``atomic.NpyAppender``: the header is written last, in the space kept
+for it); the whole artifact is written in a temporary folder that is renamed into place, with
+``meta.json`` written last, so a killed run leaves either nothing or a complete artifact (which
+a rerun loads instead of recomputing).
 
 Which matrix holds the raw counts (``IngestConfig.counts_source="auto"``):
 1. ``layers['counts']`` if present;
@@ -275,21 +276,22 @@ class CountsFile:
         ``.npy``); returns the kept obs rows. ``progress(n)`` is called after each chunk of
         ``n`` rows."""
         out = {
-            "indptr": _Appender(out_dir / "indptr.npy", np.int64),
-            "indices": _Appender(out_dir / "indices.npy", np.int32),
-            "data": _Appender(out_dir / "data.npy", np.float32),
-            "cells": _Appender(out_dir / "cells.npy", np.int64),
-            "nnz": _Appender(out_dir / "nnz.npy", np.int32),
-            "total": _Appender(out_dir / "total.npy", np.float32),
+            "indptr": atomic.NpyAppender(out_dir / "indptr.npy", np.int64),
+            "indices": atomic.NpyAppender(out_dir / "indices.npy", np.int32),
+            "data": atomic.NpyAppender(out_dir / "data.npy", np.float32),
+            "cells": atomic.NpyAppender(out_dir / "cells.npy", np.int64),
+            "nnz": atomic.NpyAppender(out_dir / "nnz.npy", np.int32),
+            "total": atomic.NpyAppender(out_dir / "total.npy", np.float32),
         }
         try:
             with self._reader.by_rows(out_dir / "csc-rows", self.cfg.chunk_cells) as reader:
                 _append_kept_cells(reader, out, self.cfg, self.plan, self.primary, progress)
-        finally:
+        except BaseException:
             for a in out.values():
-                a.close()
+                a.abort()
+            raise
         for a in out.values():
-            a.finish()
+            a.close()
         return np.load(out_dir / "cells.npy")
 
 
@@ -492,8 +494,8 @@ def _validate(values: np.ndarray, path: Path, source: str, row_of) -> None:
             )
 
 
-def _append_kept_cells(reader: _RowReader, out: dict[str, _Appender], cfg: IngestConfig,
-                       plan: GenePlan, primary: np.ndarray | None,
+def _append_kept_cells(reader: _RowReader, out: dict[str, atomic.NpyAppender],
+                       cfg: IngestConfig, plan: GenePlan, primary: np.ndarray | None,
                        progress: Callable[[int], None] | None) -> None:
     """Read the matrix chunk by chunk (validated, genes as the plan's, QC'd) and append the kept
     cells' CSR rows to ``out``, so memory stays one chunk whatever the file's size."""
@@ -535,30 +537,6 @@ def _to_genes(m: sp.csr_matrix, plan: GenePlan) -> sp.csr_matrix:
     merged = sp.csr_matrix((m.data[take].astype(np.float64), (rows, cols[take])),
                            shape=(m.shape[0], len(plan.genes)))
     return merged.astype(np.float32)
-
-
-class _Appender:
-    """Append 1-d chunks to a raw file, then wrap it as a ``.npy`` (memory stays flat)."""
-
-    def __init__(self, path: Path, dtype):
-        self.path, self.dtype, self.n = path, np.dtype(dtype), 0
-        self._part = path.with_suffix(".part")
-        self._fh = open(self._part, "wb")  # noqa: SIM115 (closed in finish)
-
-    def append(self, values: np.ndarray) -> None:
-        np.ascontiguousarray(values, dtype=self.dtype).tofile(self._fh)
-        self.n += len(values)
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def finish(self) -> None:
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (self.n,)}
-        with open(self.path, "wb") as out, open(self._part, "rb") as src:
-            np.lib.format.write_array_header_1_0(out, header)
-            shutil.copyfileobj(src, out, 1 << 24)
-        self._part.unlink()
 
 
 # ---------------------------------------------------------------------------- genes, organism

@@ -91,3 +91,17 @@ def test_npy_appender_writes_nothing_until_closed(tmp_path):
     f = NpyAppender(path, np.float64)
     f.close()
     assert np.load(path).shape == (0,)
+
+
+def test_npy_appender_writes_what_np_save_writes(tmp_path):
+    """Byte for byte (the packer's fast header parser knows numpy's header, not others)."""
+    import io
+
+    for dtype in (np.int32, np.float32, np.int64):
+        f = NpyAppender(tmp_path / "x.npy", dtype)
+        f.append(np.arange(7))
+        f.append(np.arange(123_456))
+        f.close()
+        expect = io.BytesIO()
+        np.save(expect, np.concatenate([np.arange(7), np.arange(123_456)]).astype(dtype))
+        assert (tmp_path / "x.npy").read_bytes() == expect.getvalue()

@@ -4,6 +4,7 @@ one, never a torn one. Every file and artifact directory the project writes goes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -84,9 +85,10 @@ class NpyAppender:
     """A 1-D ``.npy`` file written in pieces, for arrays too large to hold: ``append`` chunks,
     then ``close`` writes the header for the final length and renames the file into place (a
     reader or a rerun never sees a partial file). The header's space is reserved up front, so
-    nothing is copied at the end."""
+    nothing is copied at the end; the file is byte for byte what ``np.save`` writes (numpy pads
+    the header of a 1-D array to the same 128 bytes whatever its length)."""
 
-    HEADER_BYTES = 128  # magic + length + dict of a 1-D array of any length, space-padded
+    HEADER_BYTES = 128
 
     def __init__(self, path: str | Path, dtype):
         self.path = Path(path)
@@ -104,14 +106,15 @@ class NpyAppender:
 
     def close(self) -> None:
         """The header for ``n`` rows, then the rename."""
-        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype),
-                       "fortran_order": False, "shape": (self.n,)})
-        room = self.HEADER_BYTES - 10  # magic (6) + version (2) + header length (2)
-        if len(header) + 1 > room:
-            raise ValueError(f"{self.path}: npy header of {len(header)} bytes does not fit")
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
+            "descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+            "shape": (self.n,)})
+        if header.tell() != self.HEADER_BYTES:
+            raise ValueError(f"{self.path}: npy header of {header.tell()} bytes, not "
+                             f"{self.HEADER_BYTES}")
         self.f.seek(0)
-        self.f.write(b"\x93NUMPY\x01\x00" + room.to_bytes(2, "little")
-                     + (header.ljust(room - 1) + "\n").encode("latin1"))
+        self.f.write(header.getvalue())
         self.f.close()
         os.replace(self.tmp, self.path)
 
