@@ -164,6 +164,18 @@ def test_embedding_is_deterministic_and_independent_of_batch_size(model_file, ce
                                    first.obs[f"predicted_{c}_score"], rtol=0, atol=1e-5)
 
 
+def test_csc_file_embeds_as_its_csr_copy(model_file, cells, tmp_path):
+    adata = anndata.read_h5ad(cells)
+    adata.X = sp.csc_matrix(adata.X)
+    adata.write_h5ad(tmp_path / "csc.h5ad")
+    exported = load_model_file(model_file[0])
+    by_rows = embed_cells(exported, cells, batch_size=64)
+    by_cols = embed_cells(exported, tmp_path / "csc.h5ad", batch_size=64)
+    assert np.array_equal(by_cols.obsm[EMBEDDING_KEY], by_rows.obsm[EMBEDDING_KEY])
+    for c in TRAINED:
+        assert by_cols.obs[f"predicted_{c}"].tolist() == by_rows.obs[f"predicted_{c}"].tolist()
+
+
 def test_no_neighbours_and_corrupted_batches(model_file, cells):
     adata = embed_anndata(model_file[0], cells, neighbours=0, batch_size=100)
     assert adata.obsm[EMBEDDING_KEY].shape == (N_CELLS, 64)
