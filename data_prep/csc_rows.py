@@ -21,6 +21,8 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from utils.spans import compressed_spans
+
 # stored counts of a row range at most, beyond one reader chunk of rows (~30 bytes each while
 # the range is read back)
 RANGE_ENTRIES = 1 << 22
@@ -100,10 +102,7 @@ class CscRows:
             raise ValueError(f"non-numeric dtype {dtype}")
         record = np.dtype([("row", "<i4"), ("col", "<i4"), ("value", dtype)])
         folder.mkdir(parents=True, exist_ok=True)
-        c0 = 0
-        while c0 < g:
-            fits = np.searchsorted(indptr[c0 + 1 :], indptr[c0] + BLOCK_ENTRIES, side="right")
-            c1 = min(g, c0 + max(1, int(fits)))
+        for c0, c1 in compressed_spans(indptr, g, BLOCK_ENTRIES):
             a, b = int(indptr[c0]), int(indptr[c1])
             rows = np.asarray(elem["indices"][a:b])
             if rows.size and (rows.min() < 0 or rows.max() >= n):
@@ -117,7 +116,6 @@ class CscRows:
             for k in np.flatnonzero(counts):
                 with open(folder / f"{k}.bin", "ab") as f:
                     f.write(rec[ends[k] - counts[k] : ends[k]].tobytes())
-            c0 = c1
         return cls(folder, rows_per, shape, record)
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:

@@ -47,6 +47,7 @@ import scipy.sparse as sp
 
 from data_prep.shard_format import MAX_NEIGHBOURS
 from utils import atomic
+from utils.spans import compressed_spans
 
 GRAPH_VERSION = 1
 FILES = ("nbr_idx.npy", "nbr_dist.npy", "leiden.npy", "pseudo_label.json", "meta.json")
@@ -147,15 +148,7 @@ def _row_chunks(n: int, chunk: int):
 def _csr_chunks(counts: sp.csr_matrix, cfg: GraphConfig):
     """Row ranges [start, stop) of at most ``cfg.chunk_rows`` rows and ``cfg.chunk_nnz`` stored
     counts (a single row may hold more)."""
-    indptr, n = counts.indptr, counts.shape[0]
-    start = 0
-    while start < n:
-        stop = min(n, start + max(1, cfg.chunk_rows))
-        ends = np.asarray(indptr[start + 1 : stop + 1], dtype=np.int64)
-        fits = np.searchsorted(ends, int(indptr[start]) + cfg.chunk_nnz, side="right")
-        stop = start + max(1, int(fits))
-        yield start, stop
-        start = stop
+    return compressed_spans(counts.indptr, cfg.chunk_rows, cfg.chunk_nnz)
 
 
 def _chunk(counts: sp.csr_matrix, start: int, stop: int):
