@@ -59,6 +59,7 @@ from data_prep.shard_format import (
     W_VERSION,
     FormatVersionError,
     check_manifest,
+    is_remote,
     is_url,
     load_manifest,
     locate,
@@ -240,16 +241,12 @@ class ShardTable:
         if not entries:
             raise ValueError(f"{root}: the manifest lists no {split} shards")
         train = split == "train"
-        paths = [e["path"].removeprefix("file://") for e in entries]
-        # is_url(locate(root, path)) without joining each path to the root (seconds an epoch)
-        root_url = is_url(root)
-        url = [is_url(p) or (root_url and not os.path.isabs(p)) for p in paths]
         return cls(
             root=root,
             paths=np.array([e["path"].encode() for e in entries]),
             n_samples=np.array([e["n_samples"] for e in entries], dtype=np.int64),
             epoch=np.array([e.get("epoch", 0) if train else 0 for e in entries], dtype=np.int64),
-            url=np.array(url, dtype=bool),
+            url=np.array([is_remote(root, e["path"]) for e in entries], dtype=bool),
         )
 
     def __len__(self) -> int:

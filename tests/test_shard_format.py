@@ -118,3 +118,15 @@ def test_training_and_export_import_only_the_format_module_of_data_prep(repo_roo
     assert "pretrain.export" in training and "pretrain.model" in training
     of_data_prep = [m for m in training if m.startswith("data_prep.")]
     assert of_data_prep == ["data_prep.shard_format"], f"training imports {of_data_prep}"
+
+
+def test_is_remote_agrees_with_locate():
+    """The manifest's shards are classified without joining paths; the rule is locate's."""
+    roots = ["/data/build", "rel/build", "s3://bucket/build", "pipe:curl -s http://h/build"]
+    paths = ["shards/a.tar", "/abs/a.tar", "file:///abs/a.tar", "file://rel/a.tar",
+             "https://h/a.tar", "pipe:cat a.tar"]
+    for root in roots:
+        for path in paths:
+            assert F.is_remote(root, path) == F.is_url(F.locate(root, path)), (root, path)
+    assert F.is_remote("s3://bucket/build", "shards/a.tar")
+    assert not F.is_remote("/data/build", "shards/a.tar")
