@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from derived import derived_file  # benchmarks/, beside this script
+
 REPO = Path(__file__).resolve().parents[1]
 DEEPEST = "drosophila_gut_flycellatlas_scgoclust_180cells_recovered_counts.h5ad"
 
@@ -44,12 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    derived = args.work / f"DERIVED_fly_gut_depth{args.derived_depth}.h5ad"
-    if not derived.exists():
-        subprocess.run([sys.executable, "-m", "data_prep.derive", str(args.data / DEEPEST),
-                        "--cells", str(args.derived_cells), "--out", str(derived), "--seed",
-                        str(args.seed), "--depth", str(args.derived_depth)], cwd=REPO,
-                       check=True, capture_output=True)
+    derived = derived_file(args.data / DEEPEST,
+                           args.work / f"DERIVED_fly_gut_depth{args.derived_depth}.h5ad",
+                           args.derived_cells, args.derived_depth, args.seed)
     inputs = {"real: fly gut (180 cells)": args.data / DEEPEST,
               f"DERIVED deep, from it ({args.derived_cells:,} cells, depth "
               f"{args.derived_depth})": derived}

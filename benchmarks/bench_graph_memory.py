@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from checkouts import run_in_checkout  # benchmarks/, beside this script
+from derived import derived_file  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -110,11 +110,8 @@ def _digest(folder: Path) -> str:
 
 def prepare(work: Path, cells: int, depth: int, seed: int) -> Path:
     """The derived input and its ingest (made once, reused by reruns)."""
-    src = work / f"pbmc_derived_{cells}_depth{depth}.h5ad"
-    if not src.exists():
-        subprocess.run([sys.executable, "-m", "data_prep.derive", str(PBMC), "--cells", str(cells),
-                        "--depth", str(depth), "--out", str(src), "--seed", str(seed)],
-                       check=True, cwd=REPO)
+    src = derived_file(PBMC, work / f"pbmc_derived_{cells}_depth{depth}.h5ad", cells, depth,
+                       seed)
     ingest = work / "ingest"
     if not (ingest / "meta.json").exists():
         sys.path.insert(0, str(REPO))

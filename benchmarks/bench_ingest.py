@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from checkouts import run_in_checkout  # benchmarks/, beside this script
+from derived import derived_file  # benchmarks/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -73,11 +74,8 @@ for fmt, path in (("csr", csr), ("csc", csc)):
 
 def inputs(work: Path, cells: list[int], depth: int, seed: int) -> dict[int, dict[str, Path]]:
     """CSR and CSC .h5ad files of the first N cells of the derived input, for each N."""
-    src = work / f"pbmc_derived_{max(cells)}_depth{depth}.h5ad"
-    if not src.exists():
-        subprocess.run([sys.executable, "-m", "data_prep.derive", str(PBMC), "--cells",
-                        str(max(cells)), "--depth", str(depth), "--out", str(src), "--seed",
-                        str(seed)], check=True, cwd=REPO)
+    src = derived_file(PBMC, work / f"pbmc_derived_{max(cells)}_depth{depth}.h5ad", max(cells),
+                       depth, seed)
     files: dict[int, dict[str, Path]] = {}
     for n in cells:
         files[n] = {fmt: work / f"cells{n}_{fmt}.h5ad" for fmt in ("csr", "csc")}
