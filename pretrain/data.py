@@ -16,7 +16,8 @@ Trainer API (exact names)::
     loader = CellLoader(cfg, rank=rank, world_size=world_size)   # endless train stream
     for step, batch in zip(range(start, max_steps), loader): ...
     state = loader.state_dict()         # {"batches": n, ...}: save one per rank in the checkpoint
-    loader.load_state_dict(state)       # before iterating: continues with batch n
+    loader.load_state_dict(state)       # before iterating: continues with batch n; a state
+                                        # saved with other ranks, workers or batch size re-deals
     loader.stats["corrupt_shards"]      # also "corrupt_samples"; updated as batches arrive
     ev = CellLoader(dataclasses.replace(cfg, split="eval"), rank=rank, world_size=world_size)
     for batch in itertools.islice(ev, n): ...   # deterministic; restarts on every iter()
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,7 +38,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_prep.shard_format import CONTEXT_GENES, MAX_NEIGHBOURS
 from pretrain.batches import BatchBuilder, Item
 from pretrain.random_streams import keyed
-from pretrain.shard_stream import POSITION, STATS, ShardStream, ShardTable
+from pretrain.shard_stream import POSITION, STATS, Redeal, ShardStream, ShardTable, redeal_after
+
+# What makes the slots of a saved stream: a state saved with other values is dealt again.
+LAYOUT = ("world_size", "num_workers", "batch_size", "shuffle_buffer")
 
 
 @dataclass
@@ -92,14 +96,22 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank, world_size
 
 
+def slot_batches(batches: int, worker: int, n_workers: int) -> int:
+    """Batches worker role ``worker`` of a rank had built when the rank had taken ``batches``
+    (the DataLoader takes them round-robin from the workers, starting at role 0)."""
+    return max(0, -(-(batches - worker) // n_workers))
+
+
 class CellBatches(IterableDataset):
     """Whole batches from one slot per (rank, worker); iterate it directly for one process."""
 
     def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                 start_batch: int = 0, table: ShardTable | None = None) -> None:
+                 start_batch: int = 0, table: ShardTable | None = None,
+                 redeal: Redeal | None = None) -> None:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.start_batch = start_batch
         self.table = table  # the manifest's shards (read from it when None)
+        self.redeal = redeal
         self.stream: ShardStream | None = None
 
     def __iter__(self) -> Iterator[dict]:
@@ -109,14 +121,14 @@ class CellBatches(IterableDataset):
         # batch n, worker i plays the role of the uninterrupted stream's worker (i + n) % W.
         worker = ((info.id if info else 0) + self.start_batch) % n_workers
         slot, n_slots = self.rank * n_workers + worker, self.world_size * n_workers
-        b = max(0, -(-(self.start_batch - worker) // n_workers))
-        self.stream = stream = ShardStream(self.cfg, slot, n_slots, self.table)
+        b = slot_batches(self.start_batch, worker, n_workers)
+        self.stream = stream = ShardStream(self.cfg, slot, n_slots, self.table, self.redeal)
         build, B = BatchBuilder(self.cfg), self.cfg.batch_size
         items: list[Item] = []
         for item in stream.samples(b * B):
             items.append(item)
             if len(items) == B:
-                batch = build(items, keyed(self.cfg.seed, 2, slot, n_slots, b))
+                batch = build(items, keyed(self.cfg.seed, 2, slot, n_slots, b, *stream.key))
                 if info:  # counters travel with the batch out of the worker process
                     batch["_stats"] = torch.tensor([stream.stats[s] for s in STATS + POSITION])
                 yield batch
@@ -132,6 +144,7 @@ class CellLoader:
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.batches = 0  # batches handed to the trainer: the stream position
         self.stats = dict.fromkeys(STATS + POSITION, 0)
+        self.redeal: Redeal | None = None  # set when a state of another layout was loaded
         self._worker_stats: dict[int, list[int]] = {}
         self.table = ShardTable.read(cfg.shards, cfg.split)  # once per rank, not per worker
         if cfg.split == "eval":
@@ -146,36 +159,71 @@ class CellLoader:
     def state_dict(self) -> dict:
         state = {"batches": self.batches, "seed": self.cfg.seed, "rank": self.rank,
                  "world_size": self.world_size, "num_workers": self.cfg.num_workers,
-                 "batch_size": self.cfg.batch_size}
+                 "batch_size": self.cfg.batch_size, "shuffle_buffer": self.cfg.shuffle_buffer}
         if self.cfg.split == "train":
             state.update({"epoch": self.stats["epoch"], "passes": self.stats["passes"],
                           "epochs": list(self.epochs)})
+            if self.redeal is not None:
+                state["redeal"] = self.redeal.source
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` was saved. The manifest may have gained epochs since (packed
-        while training went on): the position stays exact if the run had not yet wrapped."""
+        while training went on): the position stays exact if the run had not yet wrapped.
+
+        A state saved with another number of ranks or workers, batch size or shuffle block
+        (``LAYOUT``) cannot continue its slots' streams: the stream is dealt again from where
+        the old slots were (``shard_stream.redeal_after``; ``self.redeal`` says what was read
+        and what is read again). Any one rank's state places all the old slots.
+        """
         mine = self.state_dict()
-        for key in ("seed", "rank", "world_size", "num_workers", "batch_size"):
-            if state[key] != mine[key]:
-                raise ValueError(f"loader state is for {key}={state[key]}, this loader has "
-                                 f"{mine[key]}: the stream cannot resume exactly")
+        if state["seed"] != mine["seed"]:
+            raise ValueError(f"loader state is for seed={state['seed']}, this loader has "
+                             f"{mine['seed']}: another seed is another stream")
         old = state.get("epochs", mine.get("epochs"))
-        if old != mine.get("epochs"):
+        if old != mine.get("epochs"):  # (a re-deal's source was saved over a prefix of these)
             new = mine["epochs"]
             if new[: len(old)] != old or state["passes"]:
                 raise ValueError(
                     f"loader state was saved over packed epochs {old} (pass "
                     f"{state['passes'] + 1}), the manifest now has {new}: the position can be "
                     "kept only when epochs were added after the saved ones before a wrap")
-        self.batches = int(state["batches"])
-        for key in POSITION:
-            self.stats[key] = int(state.get(key, 0))
+        saved = {key: state.get(key, mine[key]) for key in LAYOUT}
+        if saved == {key: mine[key] for key in LAYOUT}:
+            if state["rank"] != mine["rank"]:
+                raise ValueError(f"loader state is for rank {state['rank']}, this loader is "
+                                 f"rank {mine['rank']}")
+            self.redeal = self._redeal(state["redeal"]) if state.get("redeal") else None
+            self.batches = int(state["batches"])
+            for key in POSITION:
+                self.stats[key] = int(state.get(key, 0))
+            return
+        if self.cfg.split != "train":
+            raise ValueError("an eval stream has no position to resume")
+        source = {**saved, "batches": int(state["batches"])}
+        if state.get("redeal"):
+            source["redeal"] = state["redeal"]
+        self.redeal = self._redeal(source)
+        self.batches = 0
+        passes, j = divmod(self.redeal.epoch, len(self.epochs))
+        self.stats["epoch"], self.stats["passes"] = self.epochs[j], passes
+
+    def _redeal(self, source: dict) -> Redeal:
+        """The stream dealt again after the old slots of ``source`` (layout, batches taken, its
+        own earlier re-deal) had read what they had: every rank took ``batches`` (lockstep), so
+        worker role w of every old rank had built ``slot_batches(batches, w, W)``."""
+        earlier = self._redeal(source["redeal"]) if source.get("redeal") else None
+        n_workers = max(source["num_workers"], 1)
+        taken = [slot_batches(source["batches"], worker, n_workers) * source["batch_size"]
+                 for _ in range(source["world_size"]) for worker in range(n_workers)]
+        old_cfg = replace(self.cfg, shuffle_buffer=source["shuffle_buffer"])
+        return redeal_after(old_cfg, taken, self.table, earlier, source)
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         start = self.batches if cfg.split == "train" else 0
-        data = CellBatches(cfg, self.rank, self.world_size, start_batch=start, table=self.table)
+        data = CellBatches(cfg, self.rank, self.world_size, start_batch=start, table=self.table,
+                           redeal=self.redeal)
         loader = DataLoader(data, batch_size=None, num_workers=cfg.num_workers,
                             pin_memory=cfg.pin_memory,
                             persistent_workers=False)

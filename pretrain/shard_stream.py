@@ -16,6 +16,13 @@ a key of (seed, epoch, slot, block). So the stream position is one integer and r
 replay: the slot skips whole epochs and shards from the manifest's sample counts without
 opening them.
 
+A run resumed with another slot layout (more or fewer ranks or workers, another batch size or
+shuffle block) cannot continue each slot's stream, since the slots themselves change. The stream
+is then dealt again (``Redeal``): from the earliest loader epoch some old slot had not finished,
+the shards the old slots had read whole are left out and the others are dealt to the new slots.
+No sample is skipped; the samples read again are those the old slots had taken from shards they
+had not finished (at most a shard and a shuffle block per old slot).
+
 Readers (``DataConfig.reader``): ``"auto"`` (default) memory-maps local shard files and streams
 URLs and ``pipe:`` specs (manifest shard paths, or ``shards`` given as a URL prefix) through
 webdataset's tar iterator. Why two: webdataset's iterator (Python ``tarfile`` in stream mode, one
@@ -28,6 +35,7 @@ sample is found and skipped before it reaches a batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -35,7 +43,7 @@ import os
 import tarfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -81,7 +89,8 @@ class ShardStream:
     belong to this slot, so a resumed stream finds its place from the manifest alone.
     """
 
-    def __init__(self, cfg, slot: int, n_slots: int, table: ShardTable | None = None) -> None:
+    def __init__(self, cfg, slot: int, n_slots: int, table: ShardTable | None = None,
+                 redeal: Redeal | None = None, orders: dict | None = None) -> None:
         self.root = cfg.shards
         self.table = table if table is not None else ShardTable.read(cfg.shards, cfg.split)
         self.train = cfg.split == "train"
@@ -89,6 +98,12 @@ class ShardStream:
         self.epoch_shards = [np.flatnonzero(self.table.epoch == e) for e in self.epochs]
         self.slot, self.n_slots = slot, n_slots
         self.seed, self.block = cfg.seed, cfg.shuffle_buffer if self.train else 1
+        self.redeal = redeal
+        self.first_epoch = redeal.epoch if redeal else 0  # where position 0 lies
+        self.key = redeal.key if redeal else ()  # keeps a re-dealt stream's shuffles fresh
+        # The latest two epochs' reading orders (an epoch's plan is asked for several times; a
+        # corpus epoch has 350,000 shards), shared by streams of one layout when given.
+        self.orders = {} if orders is None else orders
         if cfg.reader == "mmap" and self.table.url.any():
             src = self.table.source(int(np.argmax(self.table.url)))
             raise ValueError(f"{src}: the mmap reader needs a local shard file; use "
@@ -97,21 +112,35 @@ class ShardStream:
         self.stats = dict.fromkeys(STATS + POSITION, 0)
         self.zstd = zstandard.ZstdDecompressor()
 
-    def by_sample(self, epoch: int) -> bool:
-        """Whether loader epoch ``epoch`` has fewer shards than slots (deal samples instead)."""
-        return len(self.epoch_shards[epoch % len(self.epochs)]) < self.n_slots
-
-    def plan(self, epoch: int) -> list[tuple[int, int]]:
-        """(shard index, samples of it that are this slot's) in loader epoch ``epoch``'s reading
-        order (it reads packed epoch ``epochs[epoch % E]``)."""
+    def order(self, epoch: int) -> np.ndarray:
+        """Loader epoch ``epoch``'s shards in reading order (it reads packed epoch
+        ``epochs[epoch % E]``), less those a re-deal marks as read."""
+        if epoch in self.orders:
+            return self.orders[epoch]
         order = self.epoch_shards[epoch % len(self.epochs)]
         if self.train:
             order = keyed(self.seed, 0, epoch).permutation(order)
-        n_samples = self.table.n_samples
-        if self.by_sample(epoch):
-            return [(int(s), len(range(self.slot, int(n_samples[s]), self.n_slots)))
-                    for s in order]
-        return [(int(s), int(n_samples[s])) for s in order[self.slot :: self.n_slots]]
+        if self.redeal is not None and epoch in self.redeal.done:
+            order = order[~np.isin(order, self.redeal.done[epoch])]
+        if len(self.orders) >= 2:
+            del self.orders[next(iter(self.orders))]
+        self.orders[epoch] = order
+        return order
+
+    def by_sample(self, epoch: int) -> bool:
+        """Whether loader epoch ``epoch`` has fewer shards than slots (deal samples instead)."""
+        return len(self.order(epoch)) < self.n_slots
+
+    def plan(self, epoch: int) -> list[tuple[int, int]]:
+        """(shard index, samples of it that are this slot's) in loader epoch ``epoch``'s
+        reading order."""
+        order = self.order(epoch)
+        if len(order) < self.n_slots:  # samples slot, slot + n_slots, ... of every shard
+            n = self.table.n_samples[order]
+            mine = np.maximum(0, (n - self.slot + self.n_slots - 1) // self.n_slots)
+            return list(zip(order.tolist(), mine.tolist(), strict=True))
+        order = order[self.slot :: self.n_slots]
+        return list(zip(order.tolist(), self.table.n_samples[order].tolist(), strict=True))
 
     def reader_of(self, shard: int) -> str:
         """``"mmap"`` or ``"webdataset"``: how ``shard`` is read (DataConfig.reader)."""
@@ -122,10 +151,15 @@ class ShardStream:
     def epoch_size(self, epoch: int) -> int:
         return sum(n for _, n in self.plan(epoch))
 
-    def samples(self, start: int = 0) -> Iterator[Item]:
-        epoch = 0
+    def position(self, start: int) -> tuple[int, int]:
+        """Stream position ``start`` as (loader epoch, samples of it read before)."""
+        epoch = self.first_epoch
         while start >= (size := self.epoch_size(epoch)) > 0:
             start, epoch = start - size, epoch + 1
+        return epoch, start
+
+    def samples(self, start: int = 0) -> Iterator[Item]:
+        epoch, start = self.position(start)
         if self.epoch_size(epoch) == 0:
             raise ValueError(f"{self.root}: slot {self.slot}/{self.n_slots} has no samples")
         while True:
@@ -135,7 +169,8 @@ class ShardStream:
             for b, block in enumerate(self._blocks(epoch, block0)):
                 got += len(block)
                 if self.block > 1:
-                    perm = keyed(self.seed, 1, epoch, self.slot, block0 // self.block + b)
+                    perm = keyed(self.seed, 1, epoch, self.slot, block0 // self.block + b,
+                                 *self.key)
                     block = [block[i] for i in perm.permutation(len(block))]
                 yield from block[start - block0 :] if b == 0 else block
             if got == 0:
@@ -220,6 +255,74 @@ class ShardStream:
 
 
 @dataclass(frozen=True)
+class Redeal:
+    """A train stream dealt again to a new slot layout part-way through (module docstring).
+
+    Loader epochs before ``epoch`` were read whole under the earlier layouts. In ``epoch`` and
+    after, the shards of ``done[t]`` were read whole and are left out of loader epoch ``t``; the
+    new slots' positions count from the start of ``epoch``. ``source`` is the loader state it was
+    dealt from (layout, batches taken and any earlier re-deal's source): a few numbers that the
+    loader state keeps instead of the shard lists (which can hold an epoch's 350,000 shards),
+    since ``redeal_after`` makes the same re-deal from them again. ``generation`` counts the
+    re-deals of the run (each keys its own shuffles); ``reread`` is how many samples the old
+    slots had read that the new ones read again.
+    """
+
+    epoch: int
+    done: dict[int, np.ndarray] = field(default_factory=dict)
+    generation: int = 1
+    reread: int = 0
+    source: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.epoch, self.generation
+
+
+def redeal_after(cfg, positions: list[int], table: ShardTable, earlier: Redeal | None = None,
+                 source: dict | None = None) -> Redeal:
+    """Deal a train stream again after its ``len(positions)`` slots (``cfg``'s seed and shuffle
+    block, ``earlier``'s re-deal if any) had read ``positions[s]`` samples each.
+
+    A shard is read whole when the slot's position has passed its last sample by a whole
+    shuffle block (the shuffle mixes the samples of a block across its shards). In an epoch dealt
+    by shard each shard is one slot's, so the union of the slots' whole shards is done; in one
+    dealt by sample every slot reads a share of every shard, so only shards every slot has
+    finished are. The old slots' streams are made one at a time and share their epochs' orders
+    (hundreds of slots of a corpus-sized epoch).
+    """
+    n, orders = len(positions), {}
+
+    def stream(slot: int) -> ShardStream:
+        return ShardStream(cfg, slot, n, table, earlier, orders)
+
+    where = [stream(slot).position(p) for slot, p in enumerate(positions)]
+    first = min(epoch for epoch, _ in where)
+    done: dict[int, np.ndarray] = {}
+    reread = 0
+    for t in range(first, max(epoch for epoch, _ in where) + 1):
+        plans, whole = [], []
+        for slot, (epoch, offset) in enumerate(where):
+            s = stream(slot)
+            plan = np.array(s.plan(t), dtype=np.int64).reshape(-1, 2)  # (shard, samples)
+            ends = np.cumsum(plan[:, 1])
+            taken = int(ends[-1]) if t < epoch and len(plan) else offset if t == epoch else 0
+            full = taken - taken % s.block if t == epoch else taken
+            plans.append((plan, taken))
+            whole.append(plan[ends <= full, 0])
+        by_sample = stream(0).by_sample(t)
+        finished = (functools.reduce(np.intersect1d, whole) if by_sample
+                    else np.unique(np.concatenate(whole)))
+        reread += sum(taken - int(plan[np.isin(plan[:, 0], finished), 1].sum())
+                      for plan, taken in plans)
+        if earlier is not None and t in earlier.done:
+            finished = np.union1d(finished, earlier.done[t])
+        if len(finished):
+            done[t] = finished.astype(np.int64)
+    return Redeal(first, done, earlier.generation + 1 if earlier else 1, reread, source or {})
+
+
+@dataclass(frozen=True)
 class ShardTable:
     """One split's shards of a manifest as arrays: what a stream needs of them.
 
@@ -254,7 +357,11 @@ class ShardTable:
 
     def epochs(self) -> list[int]:
         """The packed epochs, in reading order (a manifest without epochs is one epoch, 0)."""
-        return np.unique(self.epoch).tolist()
+        return list(self._epochs)
+
+    @functools.cached_property
+    def _epochs(self) -> tuple[int, ...]:  # every stream of a rank asks (350,000 shards an epoch)
+        return tuple(np.unique(self.epoch).tolist())
 
     def source(self, shard: int) -> str:
         """Shard ``shard`` as a local file or a URL/pipe spec."""

@@ -7,7 +7,10 @@
 checkpoints (``RUN/checkpoints/step<N>``, the last ``--keep-ckpts``) and the resolved configuration
 (``RUN/config.json``). A run whose ``RUN/`` holds a checkpoint resumes from it: model, optimizer,
 scheduler, every rank's RNG and data-stream position, so its steps continue the interrupted run's
-loss sequence exactly (bitwise on CPU in fp32). docs/training.md explains the options.
+loss sequence exactly (bitwise on CPU in fp32). Resumed on another number of ranks, it converts
+the checkpoint to DeepSpeed's universal form once (every parameter's fp32 weights and optimizer
+moments whole) and loads that, and the data stream is dealt again to the new ranks.
+docs/training.md explains the options.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -188,7 +193,8 @@ def checkpoint_tags(ckpt_dir: Path) -> list[str]:
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, loader, keep: int) -> None:
     """All ranks: DeepSpeed's sharded state plus, in client_state, every rank's loader position
-    and RNG states (gathered, since DeepSpeed writes client_state from rank 0 only)."""
+    and RNG states (gathered, since DeepSpeed writes client_state from rank 0 only). A universal
+    copy made to resume on another number of ranks is removed once this layout has its own."""
     mine = {"loader": loader.state_dict(), "rng": rng_state()}
     ranks: list = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
@@ -198,24 +204,78 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, loader, keep: int) -> Non
     if dist.get_rank() == 0:
         for old in checkpoint_tags(ckpt_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / UNIVERSAL_DIR, ignore_errors=True)
     dist.barrier()
 
 
-def load_checkpoint(engine, ckpt_dir: Path, loader) -> int:
-    """Restore the latest checkpoint in ``ckpt_dir``; returns its step (0 when there is none)."""
-    if not (ckpt_dir / "latest").is_file():
+UNIVERSAL_DIR = "universal"  # in RUN/checkpoints: converted checkpoints, one per tag
+_PARTITION = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def saved_layout(tag_dir: Path) -> tuple[int, bool] | None:
+    """(data-parallel ranks, ZeRO-3 or not) of the run that wrote a DeepSpeed checkpoint: it
+    wrote one ZeRO optimizer partition file per rank (the names DeepSpeed's own converter
+    reads), and under ZeRO-3 one model-states file per rank too. None without partition files
+    (no ZeRO optimizer)."""
+    ranks = {int(m.group(1)) for f in tag_dir.iterdir() if (m := _PARTITION.match(f.name))}
+    if not ranks:
+        return None
+    return len(ranks), not (tag_dir / "mp_rank_00_model_states.pt").is_file()
+
+
+def universal_checkpoint(ckpt_dir: Path, tag: str) -> Path:
+    """All ranks: the folder that holds checkpoint ``tag`` in DeepSpeed's universal form
+    (``ds_to_universal``: each parameter's fp32 weights, Adam moments and step whole, which any
+    number of ranks and any ZeRO stage re-partition when they load). Rank 0 converts it once,
+    into a temporary folder renamed when complete; a rerun finds it."""
+    root = ckpt_dir / UNIVERSAL_DIR
+    if dist.get_rank() == 0 and not (root / tag).is_dir():
+        work = root / ".converting"
+        shutil.rmtree(work, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(ckpt_dir / tag), "--output_folder", str(work / tag), "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{ckpt_dir / tag}: converting to a universal checkpoint failed "
+                               f"({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+        os.replace(work / tag, root / tag)
+        shutil.rmtree(work)
+    dist.barrier()
+    return root
+
+
+def load_checkpoint(engine, ckpt_dir: Path, loader, universal: Path | None = None,
+                    seed: int = 0) -> int:
+    """Restore the latest checkpoint in ``ckpt_dir``; returns its step (0 when there is none).
+
+    ``universal``: the checkpoint was saved by another number of ranks and converted there
+    (``universal_checkpoint``; the engine was configured with ``checkpoint.load_universal``).
+    The loader then deals the data stream again from any old rank's state, and each rank's RNG
+    is seeded afresh from (``seed``, step, rank), since the saved states were other ranks'.
+    """
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
         return 0
-    path, client = engine.load_checkpoint(str(ckpt_dir))
+    path, client = engine.load_checkpoint(str(universal or ckpt_dir), tag=tag)
     if path is None:
-        raise RuntimeError(f"{ckpt_dir}: could not load the checkpoint named in 'latest'")
-    world = dist.get_world_size()
-    if client["world_size"] != world:
-        raise RuntimeError(f"{path}: saved by {client['world_size']} ranks, this run has {world}; "
-                           "resume with the same world size (or export and fine-tune)")
-    mine = client["ranks"][dist.get_rank()]
+        raise RuntimeError(f"{ckpt_dir}: could not load checkpoint {tag}")
+    rank, world, saved = dist.get_rank(), dist.get_world_size(), client["world_size"]
+    if (saved != world) != (universal is not None):
+        raise RuntimeError(f"{path}: saved by {saved} ranks, loaded by {world} "
+                           f"{'from' if universal else 'without'} a universal checkpoint")
+    mine = client["ranks"][rank if rank < saved else 0]
     loader.load_state_dict(mine["loader"])
-    set_rng_state(mine["rng"])
-    return int(client["step"])
+    step = int(client["step"])
+    if saved == world:
+        set_rng_state(mine["rng"])
+    else:
+        seed_all(seed + 1000 * (rank + 1) + 1_000_003 * step)
+    return step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,6 +371,19 @@ class Trainer:
         # torch's own test of oneDNN bf16 support (AVX-512 BW/VL/DQ or newer) on CPUs
         native_bf16 = cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported()
         self.ds_config = resolve_ds_config(run_cfg, cfg.deepspeed_config, native_bf16)
+        tag = latest_tag(self.ckpt_dir) if cfg.resume else None
+        layout = saved_layout(self.ckpt_dir / tag) if tag else None
+        self.saved_world = layout[0] if layout else self.world
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if layout and layout[1] != (stage == 3):
+            raise RuntimeError(f"{self.ckpt_dir / tag}: saved under ZeRO stage "
+                               f"{'3' if layout[1] else '1 or 2'}, this run uses stage {stage}; "
+                               "resume under the stage the run was saved with")
+        universal = None
+        if self.saved_world != self.world:  # ZeRO partitions for another number of ranks
+            universal = universal_checkpoint(self.ckpt_dir, tag)
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}),
+                                            "load_universal": True}
         optimizer = build_optimizer(run_cfg.optim, model, self.ds_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                       lr_lambda(run_cfg.optim, cfg.max_steps))
@@ -323,7 +396,8 @@ class Trainer:
         self.data_cfg = replace(data, shards=cfg.shards, split="train", num_workers=workers,
                                 pin_memory=cuda)
         self.loader = CellLoader(self.data_cfg, self.rank, self.world)
-        self.step = load_checkpoint(self.engine, self.ckpt_dir, self.loader) if cfg.resume else 0
+        self.step = (load_checkpoint(self.engine, self.ckpt_dir, self.loader, universal, cfg.seed)
+                     if cfg.resume else 0)
         self.batches = iter(self.loader)
 
         self.writer = None
@@ -445,6 +519,17 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0 and self.step:
             print(f"[train] resumed from step {self.step}", flush=True)
+        redeal, grad_accum = self.loader.redeal, self.run_cfg.optim.grad_accum
+        if self.rank == 0 and self.saved_world != self.world:
+            print(f"[train] the checkpoint was saved by {self.saved_world} ranks, this run has "
+                  f"{self.world}: optimizer state re-partitioned from its universal form; the "
+                  f"global batch is now {self.world * self.data_cfg.batch_size * grad_accum} cells",
+                  flush=True)
+        if self.rank == 0 and redeal is not None and self.loader.batches == 0:
+            done = sum(len(v) for v in redeal.done.values())
+            print(f"[train] data stream dealt again to the new layout from loader epoch "
+                  f"{redeal.epoch}: {done} shards read whole before are left out, "
+                  f"{redeal.reread} samples of unfinished shards are read again", flush=True)
         self.engine.train()
         window: dict[str, float] = {}
         seconds, start = 0.0, self._clock()

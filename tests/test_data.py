@@ -231,8 +231,11 @@ def test_resume_gives_the_same_batches(shards, workers):
     rest = list(itertools.islice(resumed, total - stop))
     for x, y in zip(full[stop:], rest):
         assert all(torch.equal(x[k], y[k]) for k in x)
-    with pytest.raises(ValueError, match="world_size"):
-        CellLoader(cfg, rank=1, world_size=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="rank 1, this loader is rank 0"):
+        CellLoader(cfg, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="another seed"):
+        CellLoader(_cfg(shards, num_workers=workers, seed=4), rank=1,
+                   world_size=2).load_state_dict(state)
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +297,124 @@ def test_resume_across_an_epoch_boundary(epoch_shards, workers):
     assert resumed.stats["epoch"] == epochs[total - 1] == 1
     of = _epoch_of(epoch_shards)
     assert {of[int(i) >> 32] for b in rest for i in b["sample_id"]} == {0, 1}
+
+
+def _same(a, b) -> bool:
+    """Two re-deals leave out the same shards from the same epoch on."""
+    return (a.epoch, a.generation, a.reread) == (b.epoch, b.generation, b.reread) and (
+        a.done.keys() == b.done.keys()
+        and all(np.array_equal(a.done[t], b.done[t]) for t in a.done))
+
+
+def _ids_of(batches) -> list[int]:
+    return [int(i) for b in batches for i in b["sample_id"]]
+
+
+@pytest.mark.parametrize("old,new,stop", [
+    ((2, 0, 8, 8), (3, 0, 8, 8), 5),     # more ranks; epoch 0 was dealt by shard
+    ((1, 2, 8, 8), (2, 0, 4, 16), 10),   # workers, batch size and shuffle block change
+    ((4, 0, 4, 8), (1, 2, 8, 8), 4),     # fewer ranks; epoch 0 was dealt by sample (3 shards)
+])
+def test_resume_with_another_layout_reads_each_sample_once(epoch_shards, old, new, stop):
+    """A state saved with other ranks, workers, batch size or shuffle block is dealt again: the
+    new slots read disjoint samples that, with those the old ranks had read, make up the epochs
+    exactly once each, except ``redeal.reread`` samples of shards the old ranks had not finished
+    (a shard and a shuffle block per old slot at most); the re-dealt loader then resumes exactly
+    under its own layout."""
+    (world, workers, batch, block), (world2, workers2, batch2, block2) = old, new
+    of = _epoch_of(epoch_shards)
+    table = ShardTable.read(str(epoch_shards), "train")
+    cfg = _cfg(epoch_shards, num_workers=workers, batch_size=batch, shuffle_buffer=block)
+    old_ids, states = [], []
+    for rank in range(world):
+        loader = CellLoader(cfg, rank=rank, world_size=world)
+        old_ids += _ids_of(itertools.islice(loader, stop))
+        states.append(loader.state_dict())
+    assert len(old_ids) == len(set(old_ids)) and {of[i >> 32] for i in old_ids} <= {0, 1}
+
+    cfg2 = _cfg(epoch_shards, num_workers=workers2, batch_size=batch2, shuffle_buffer=block2)
+    redeals = []
+    for rank in range(world2):
+        loader = CellLoader(cfg2, rank=rank, world_size=world2)
+        loader.load_state_dict(states[rank % world])
+        redeals.append(loader.redeal)
+        assert loader.batches == 0 and loader.stats["epoch"] == 0
+    redeal = redeals[0]
+    assert all(_same(r, redeal) for r in redeals)  # any rank's state places all
+    assert redeal.epoch == 0 and redeal.generation == 1 and len(redeal.done[0]) > 0
+    new_ids = []  # loader epochs 0 and 1 as the new slots read them
+    n_slots = world2 * max(workers2, 1)
+    for slot in range(n_slots):
+        stream = ShardStream(cfg2, slot, n_slots, table, redeal)
+        n = stream.epoch_size(0) + stream.epoch_size(1)
+        new_ids += [i for i, _ in itertools.islice(stream.samples(), n)]
+    assert len(new_ids) == len(set(new_ids))  # the new slots read disjoint samples
+    assert set(old_ids) | set(new_ids) == set(_stream_ids(epoch_shards))  # nothing skipped
+    assert len(set(old_ids) & set(new_ids)) == redeal.reread > 0
+    largest = int(table.n_samples.max())
+    assert redeal.reread <= world * max(workers, 1) * (largest + block)
+
+    # Resumed again under the new layout, the re-dealt stream continues batch for batch.
+    loader = CellLoader(cfg2, rank=world2 - 1, world_size=world2)
+    loader.load_state_dict(states[0])
+    full = list(itertools.islice(loader, 6))
+    first = CellLoader(cfg2, rank=world2 - 1, world_size=world2)
+    first.load_state_dict(states[0])
+    _ = list(itertools.islice(first, 2))
+    state = first.state_dict()
+    assert state["batches"] == 2 and state["redeal"] == redeal.source
+    assert state["redeal"] == {"world_size": world, "num_workers": workers, "batch_size": batch,
+                               "shuffle_buffer": block, "batches": stop}
+    again = CellLoader(cfg2, rank=world2 - 1, world_size=world2)
+    again.load_state_dict(state)
+    assert _same(again.redeal, redeal)  # made again from the few numbers of its source
+    for x, y in zip(full[2:], itertools.islice(again, 4), strict=True):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_second_redeal_keeps_what_the_first_left_out(epoch_shards):
+    """2 ranks -> 3 -> 1: the second re-deal places the old slots on the first re-deal's
+    plans and keeps its done shards, so the three phases read loader epochs 0 and 1 whole, each
+    sample once but for what the two re-deals say they read again."""
+    table = ShardTable.read(str(epoch_shards), "train")
+    cfg = _cfg(epoch_shards, batch_size=8, shuffle_buffer=8)
+    read: list[int] = []
+    state: dict = {}
+    redeals = []
+    for world, taken in ((2, 5), (3, 3)):
+        for rank in range(world):
+            loader = CellLoader(cfg, rank=rank, world_size=world)
+            if state:
+                loader.load_state_dict(state)
+            read += _ids_of(itertools.islice(loader, taken))
+            if rank == 0:
+                saved = loader.state_dict()
+        state = saved
+        redeals.append(loader.redeal)
+    last = CellLoader(cfg, rank=0, world_size=1)
+    last.load_state_dict(state)
+    second = last.redeal
+    assert second.generation == 2 and redeals[1].generation == 1
+    for t, shards in redeals[1].done.items():
+        if t >= second.epoch:
+            assert set(shards) <= set(second.done[t])
+    stream = ShardStream(cfg, 0, 1, table, second)
+    read += [i for i, _ in itertools.islice(stream.samples(), sum(
+        stream.epoch_size(t) for t in range(second.epoch, 2)))]
+    assert set(read) == set(_stream_ids(epoch_shards))
+    assert len(read) - len(set(read)) == redeals[1].reread + second.reread
+
+
+def _stream_ids(shards: Path) -> list[int]:
+    """Every train sample id of the manifest."""
+    table = ShardTable.read(str(shards), "train")
+    return [(s << 32) + k for s in range(len(table))
+            for k in _keys(table.source(s))]
+
+
+def _keys(path: str) -> list[int]:
+    with tarfile.open(path) as tar:
+        return [int(m.name.split(".")[0]) for m in tar.getmembers()]
 
 
 def test_resume_after_epochs_were_added(epoch_shards, shards):

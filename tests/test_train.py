@@ -182,6 +182,46 @@ def test_kill_and_resume_matches_uninterrupted(repo_root, shards, reference_run,
     assert resumed["opt/lr"] == reference["opt/lr"]
 
 
+def _weights(run: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag=tag)
+
+
+def test_resume_on_another_number_of_ranks(repo_root, shards, tmp_path):
+    """2 ranks -> 1 -> 2: each resume converts the checkpoint to DeepSpeed's universal form,
+    re-partitions the weights and optimizer state, deals the data stream again and goes on with
+    the schedule. The lr is 0 after step 3, so every later checkpoint must hold step 3's fp32
+    weights exactly: what the new layout loaded is what the old one saved."""
+    args = _args(shards, tmp_path, "zero2", 3, "--precision", "fp32", "--ckpt-every", "3",
+                 "--eval-every", "0", "--schedule-steps", "3", "--min-lr-ratio", "0")
+    _train(repo_root, _torchrun(repo_root, *args))
+    saved = _weights(tmp_path, "step00000003")
+    for world, steps in ((1, 5), (2, 7)):
+        args[args.index("--max-steps") + 1] = str(steps)
+        out = _train(repo_root, _torchrun(repo_root, *args, nproc=world))
+        assert f"this run has {world}" in out and "data stream dealt again" in out, out
+        assert not (tmp_path / "checkpoints" / "universal").exists()  # removed once saved
+        now = _weights(tmp_path, f"step{steps:08d}")
+        assert now.keys() == saved.keys()
+        assert all(torch.equal(now[k], saved[k]) for k in saved)
+    series = _scalars(tmp_path)
+    assert [s for s, _ in series["loss/total"]] == list(range(1, 8))
+    assert all(v == 0 for s, v in series["opt/lr"] if s > 3)
+    assert all(np.isfinite(v) for _, v in series["loss/total"])
+    client = torch.load(tmp_path / "checkpoints" / "step00000007" / "mp_rank_00_model_states.pt",
+                        weights_only=False)
+    assert client["world_size"] == 2
+    for rank in client["ranks"]:  # each re-deal is kept as the layout it was dealt from
+        source = rank["loader"]["redeal"]
+        assert (source["world_size"], source["batches"]) == (1, 2)
+        assert (source["redeal"]["world_size"], source["redeal"]["batches"]) == (2, 3)
+    with pytest.raises(AssertionError, match="saved under ZeRO stage 1 or 2"):
+        _train(repo_root, _torchrun(repo_root, *_args(
+            shards, tmp_path, "zero3", 8, "--precision", "fp32", "--eval-every", "0",
+            "--schedule-steps", "3", "--min-lr-ratio", "0")))
+
+
 def test_export_reloads_with_identical_outputs(repo_root, shards, reference_run, tmp_path):
     """The consolidated fp32 export, in a plain model, reproduces the trainer's final evaluation
     (same eval batches of both ranks, same metrics)."""
