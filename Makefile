@@ -16,12 +16,15 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 # The main job end to end on the embedded real datasets: shards from the PBMC control cells and
-# the other demo datasets, a short `tiny` training run on one CPU process (DeepSpeed ZeRO-2,
+# the other demo datasets, a short `tiny` training run on two CPU processes (DeepSpeed ZeRO-2,
 # gloo), export, then the stimulated PBMC cells (never trained on) embedded and scored against
 # baselines (benchmarks/bench_quality.py; its full-size run is in docs/benchmarks/quality.md).
+# Single-cell shards (no meta-cells): a run this short learns single cells more slowly from
+# summed profiles (docs/benchmarks/quality.md, "Meta-cells in short runs").
 demo: $(VENV)/.installed
 	DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 $(PY) benchmarks/bench_quality.py --out $(DEMO_OUT) \
-		--train-sheet data/demo_sheet.csv --ranks 1 --steps 300 --context 512 --batch-size 16
+		--train-sheet data/demo_sheet.csv --build-args '--metacell-fraction 0' \
+		--ranks 2 --steps 450 --context 512 --batch-size 16
 	@echo "shard report: $(DEMO_OUT)/shards/report/summary.txt (plots beside it)"
 	@echo "training run: $(DEMO_OUT)/seed0/run (tensorboard --logdir $(DEMO_OUT)/seed0/run/tb)"
 

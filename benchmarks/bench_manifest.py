@@ -59,6 +59,18 @@ def corpus_manifest(build: Path, out: Path, per_epoch: int, epochs: int) -> int:
     return (out / "manifest.json").stat().st_size
 
 
+def corpus_root(tmp: Path, build: str | None, per_epoch: int, epochs: int) -> tuple[Path, int]:
+    """A folder in ``tmp`` holding only a corpus-sized manifest made from ``build``'s (built
+    from the PBMC file when None), and its size in bytes."""
+    built = Path(build) if build else tmp / "build"
+    if not build:
+        subprocess.run([sys.executable, "-m", "data_prep.build_shards", str(PBMC), "--out",
+                        str(built), "--quiet", "--stream-size", "1000"], check=True, cwd=REPO)
+    root = tmp / "corpus"
+    root.mkdir()
+    return root, corpus_manifest(built, root, per_epoch, epochs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", help="a build_shards output (default: one from the PBMC file)")
@@ -67,13 +79,7 @@ def main() -> None:
     ap.add_argument("--previous", help="checkout of an earlier commit, measured too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_manifest_") as tmp:
-        build = Path(args.build) if args.build else Path(tmp) / "build"
-        if not args.build:
-            subprocess.run([sys.executable, "-m", "data_prep.build_shards", str(PBMC), "--out",
-                            str(build), "--quiet", "--stream-size", "1000"], check=True, cwd=REPO)
-        root = Path(tmp) / "corpus"
-        root.mkdir()
-        size = corpus_manifest(build, root, args.shards_per_epoch, args.epochs)
+        root, size = corpus_root(Path(tmp), args.build, args.shards_per_epoch, args.epochs)
         n = args.shards_per_epoch * args.epochs
         print(f"manifest of {n:,} train shards ({args.epochs} epoch(s)): {size / 1e6:.1f} MB")
         checkouts = {"this": REPO} | ({"previous": Path(args.previous)} if args.previous else {})

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_manifest import PBMC, REPO, corpus_manifest  # noqa: E402  (benchmarks/)
+from bench_manifest import corpus_root  # noqa: E402  (benchmarks/)
 
 from pretrain.data import CellLoader, DataConfig  # noqa: E402
 from pretrain.shard_stream import ShardStream  # noqa: E402
@@ -63,13 +62,7 @@ def main() -> None:
     ap.add_argument("--at", type=float, default=0.43, help="share of epoch 0 read at the save")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_redeal_") as tmp:
-        build = Path(args.build) if args.build else Path(tmp) / "build"
-        if not args.build:
-            subprocess.run([sys.executable, "-m", "data_prep.build_shards", str(PBMC), "--out",
-                            str(build), "--quiet", "--stream-size", "1000"], check=True, cwd=REPO)
-        root = Path(tmp) / "corpus"
-        root.mkdir()
-        corpus_manifest(build, root, args.shards_per_epoch, 1)
+        root, _ = corpus_root(Path(tmp), args.build, args.shards_per_epoch, 1)
         (world, workers), (world2, workers2) = args.old, args.new
         cfg = DataConfig(shards=str(root), batch_size=args.batch_size, num_workers=workers)
         saver = CellLoader(cfg, rank=0, world_size=world)
