@@ -162,8 +162,10 @@ class ShardStream:
         epoch, start = self.position(start)
         if self.epoch_size(epoch) == 0:
             raise ValueError(f"{self.root}: slot {self.slot}/{self.n_slots} has no samples")
+        # a re-dealt stream's first epoch was entered by the old slots (they said so)
+        resumed = start > 0 or (self.redeal is not None and epoch == self.first_epoch)
         while True:
-            self._enter(epoch, resumed=start > 0)
+            self._enter(epoch, resumed)
             block0 = start - start % self.block
             got = 0
             for b, block in enumerate(self._blocks(epoch, block0)):
@@ -175,7 +177,7 @@ class ShardStream:
                 yield from block[start - block0 :] if b == 0 else block
             if got == 0:
                 raise RuntimeError(f"{self.root}: no readable sample in epoch {epoch}")
-            start, epoch = 0, epoch + 1
+            start, epoch, resumed = 0, epoch + 1, False
 
     def _enter(self, epoch: int, resumed: bool) -> None:
         """Record which packed epoch the stream reads; say so when it starts a new pass."""

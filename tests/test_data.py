@@ -405,6 +405,24 @@ def test_second_redeal_keeps_what_the_first_left_out(epoch_shards):
     assert len(read) - len(set(read)) == redeals[1].reread + second.reread
 
 
+def test_redeal_after_the_stream_wrapped(epoch_shards, caplog):
+    """A state saved in a later pass (past the last packed epoch) re-deals in that pass: the new
+    slots start at its loader epoch, count the pass, and do not warn of it again."""
+    cfg = _cfg(epoch_shards, batch_size=8, shuffle_buffer=8)
+    old = CellLoader(cfg, rank=0, world_size=1)
+    with caplog.at_level("WARNING", logger="pretrain.shard_stream"):
+        _ = list(itertools.islice(old, 30))  # 240 samples: past both packed epochs (210)
+        assert any("ran past the last packed epoch" in r.message for r in caplog.records)
+        caplog.clear()
+        new = CellLoader(cfg, rank=1, world_size=2)
+        new.load_state_dict(old.state_dict())
+        assert new.redeal.epoch == 2 and new.stats["passes"] == 1 and new.stats["epoch"] == 0
+        batch = next(iter(new))
+        assert not caplog.records
+    of = _epoch_of(epoch_shards)
+    assert {of[int(i) >> 32] for i in batch["sample_id"]} == {0}
+
+
 def _stream_ids(shards: Path) -> list[int]:
     """Every train sample id of the manifest."""
     table = ShardTable.read(str(shards), "train")
