@@ -231,8 +231,8 @@ def saved_layout(tag_dir: Path) -> tuple[int, bool] | None:
 def universal_checkpoint(ckpt_dir: Path, tag: str) -> Path:
     """All ranks: the folder that holds checkpoint ``tag`` in DeepSpeed's universal form
     (``ds_to_universal``: each parameter's fp32 weights, Adam moments and step whole, which any
-    number of ranks and any ZeRO stage re-partition when they load). Rank 0 converts it once,
-    into a temporary folder renamed when complete; a rerun finds it."""
+    number of ranks re-partition when they load). Rank 0 converts it once, into a temporary
+    folder renamed when complete; a rerun finds it."""
     root = ckpt_dir / UNIVERSAL_DIR
     if dist.get_rank() == 0 and not (root / tag).is_dir():
         work = root / ".converting"
