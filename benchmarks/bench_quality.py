@@ -152,7 +152,7 @@ def train(args, shards: Path, run: Path, seed: int) -> float:
         record = json.loads(done.read_text())
         if record["command"] != cmd:
             raise SystemExit(f"{run}: trained by another command ({shlex.join(record['command'])})"
-                             "; give a new --out")
+                             f"; give another --out, or remove {run} to train it again")
         return float(record["seconds"])
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True)
