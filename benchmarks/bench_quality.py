@@ -188,9 +188,10 @@ def accuracy_f1(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 def knn_predict(train_x, train_y, test_x) -> np.ndarray:
-    from sklearn.neighbors import KNeighborsClassifier
+    """The 15-NN vote that ``pretrain.embed --reference`` gives users (label_transfer)."""
+    from pretrain.label_transfer import transfer_labels
 
-    return KNeighborsClassifier(K_PROBE).fit(train_x, train_y).predict(test_x)
+    return np.asarray(transfer_labels(train_x, train_y, test_x, K_PROBE)[0], dtype=object)
 
 
 def logreg_predict(train_x, train_y, test_x) -> np.ndarray:

@@ -2,6 +2,7 @@
 
     python -m pretrain.embed MODEL IN.h5ad --out OUT.h5ad [--organism NAME|NCBITaxon:N]
         [--batch-size N] [--device cpu|cuda] [--neighbours K] [--context N] [--seed S]
+        [--reference REF.h5ad --reference-label COLUMN [--transfer-k 15]]
 
 The model must see a cell exactly as it saw cells in training, so the file goes through the code
 that built the training data: data_prep.ingest.open_counts reads and validates the counts
@@ -26,7 +27,9 @@ Where it differs from training:
 Counts are streamed in chunks of cells to a temporary CSR on disk (``TMPDIR``), so memory holds
 one chunk plus the graph's normalised HVG matrix. The output is a byte copy of the input with
 ``obsm['X_scpretrain']``, ``obs['predicted_<class>']`` / ``obs['predicted_<class>_score']`` and
-``uns['scpretrain']`` added; X, layers, raw and existing columns are untouched.
+``uns['scpretrain']`` added; X, layers, raw and existing columns are untouched. With a labelled
+``--reference`` file, embedded the same way, its labels are carried to every cell too
+(pretrain.label_transfer: ``obs['transferred_<column>']`` and ``..._score``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from data_prep.shard_format import (
 from pretrain.batches import BatchBuilder, record
 from pretrain.data import DataConfig
 from pretrain.export import ExportedModel, load_model_file
+from pretrain.label_transfer import DEFAULT_K, labelled, transfer_labels
 from utils import atomic
 
 EMBEDDING_KEY = "X_scpretrain"
@@ -310,6 +314,31 @@ def embed_anndata(
     return adata
 
 
+def transfer_from(reference: str | Path, column: str, ann: Annotations, exported: ExportedModel,
+                  k: int = DEFAULT_K, **options) -> Annotations:
+    """``ann`` (a query file's annotations) with ``reference``'s ``obs[column]`` carried over:
+    the reference is embedded with the same model and ``options`` (``embed_cells``), then each
+    query cell takes the majority label of its ``k`` nearest reference cells."""
+    try:
+        values = anndata.read_h5ad(reference, backed="r").obs
+    except (OSError, KeyError) as e:
+        raise ValueError(f"{reference}: cannot read the reference's obs ({e})") from None
+    if column not in values:
+        raise ValueError(f"{reference}: no obs column {column!r} (columns: "
+                         f"{', '.join(map(str, values.columns)) or 'none'})")
+    labels = values[column].to_numpy()
+    ref = embed_cells(exported, reference, **options)
+    transferred, score = transfer_labels(ref.obsm[EMBEDDING_KEY], labels,
+                                         ann.obsm[EMBEDDING_KEY], k)
+    summary = {**ann.uns[UNS_KEY], "label_transfer": {
+        "reference": Path(reference).name, "column": column, "k": k,
+        "n_reference_cells": int(len(labels)),
+        "n_reference_labelled": int(labelled(labels).sum())}}
+    return Annotations(obs={**ann.obs, f"transferred_{column}": transferred,
+                            f"transferred_{column}_score": score},
+                       obsm=ann.obsm, uns={UNS_KEY: summary})
+
+
 def write_annotated_copy(src: str | Path, out: str | Path, ann: Annotations) -> Path:
     """Copy ``src`` to ``out`` byte for byte and add ``ann``'s entries there (atomically)."""
     src, out = Path(src), Path(out)
@@ -377,13 +406,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=None,
                         help="genes per cell (default: the model's training context)")
     parser.add_argument("--seed", type=int, default=0, help="PCA/kNN and gene-choice seed")
+    parser.add_argument("--reference", default=None,
+                        help="a labelled .h5ad whose labels are carried to the input's cells "
+                             "through the embedding (kNN vote); needs --reference-label")
+    parser.add_argument("--reference-label", default=None,
+                        help="the reference's obs column to carry over")
+    parser.add_argument("--transfer-k", type=int, default=DEFAULT_K,
+                        help=f"reference neighbours that vote (default: {DEFAULT_K})")
     args = parser.parse_args(argv)
+    if bool(args.reference) != bool(args.reference_label):
+        parser.error("--reference and --reference-label go together")
     try:
         _check_output(args.input, args.out)
-        ann = embed_cells(args.model, args.input, organism=args.organism,
-                          neighbours=args.neighbours, batch_size=args.batch_size,
-                          device=args.device, context=args.context, seed=args.seed,
-                          progress=True)
+        exported = load_model_file(args.model)
+        options = dict(organism=args.organism, neighbours=args.neighbours,
+                       batch_size=args.batch_size, device=args.device, context=args.context,
+                       seed=args.seed, progress=True)
+        ann = embed_cells(exported, args.input, **options)
+        if args.reference:
+            ann = transfer_from(args.reference, args.reference_label, ann, exported,
+                                args.transfer_k, **options)
         write_annotated_copy(args.input, args.out, ann)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from pretrain.embed import (
     open_cells,
 )
 from pretrain.export import export, load_exported, load_model_file, write_model_file
+from pretrain.label_transfer import transfer_labels
 from pretrain.model import ModelConfig, ScPrintModel
 
 SOURCE = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -219,6 +220,52 @@ def test_cli_rejects_bad_inputs_naming_the_file(model_file, cells, tmp_path, cap
         assert not out.exists()
     assert main([model, str(cells), "--out", str(cells)]) == 2
     assert "the output must be another file" in capsys.readouterr().err
+
+
+def test_transfer_labels_votes_among_the_nearest_reference_cells():
+    """Three separated clusters: a query cell takes its cluster's label with the share of its
+    votes; unlabelled reference cells take no part; a tie goes to the first label in order."""
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    reference = np.concatenate([c + rng.normal(0, 0.5, (20, 2)) for c in centres])
+    labels = np.array(["T"] * 20 + ["B"] * 20 + ["NK"] * 20, dtype=object)
+    labels[[0, 25, 45]] = [None, np.nan, ""]  # unlabelled
+    query = np.concatenate([centres, [[5.0, 0.0]]])  # the last is halfway between T and B
+    got, score = transfer_labels(reference, labels, query, k=19)
+    assert list(got.categories) == ["B", "NK", "T"]
+    assert list(got[:3]) == ["T", "B", "NK"] and (score[:3] == 1).all()
+    line = np.array([[0.0], [1.0], [3.0], [4.0]])
+    near, near_score = transfer_labels(line, ["b", "a", "a", "b"], np.array([[2.0]]), k=2)
+    assert list(near) == ["a"] and near_score[0] == 1
+    tie, tie_score = transfer_labels(line, ["b", "a", "a", "b"], np.array([[2.0]]), k=4)
+    assert list(tie) == ["a"] and tie_score[0] == 0.5  # 2 votes each: the first label
+    with pytest.raises(ValueError, match="k = 58: the reference has 57 labelled cells"):
+        transfer_labels(reference, labels, query, k=58)
+    with pytest.raises(ValueError, match="60 reference embeddings for 3 labels"):
+        transfer_labels(reference, labels[:3], query)
+
+
+def test_cli_carries_a_reference_files_labels(model_file, cells, tmp_path, capsys):
+    """--reference: the reference is embedded by the same model and its labels voted onto the
+    input's cells; with the input as its own reference and k = 1 every cell takes its own."""
+    out = tmp_path / "out.h5ad"
+    model = str(model_file[0])
+    assert main([model, str(cells), "--out", str(out), "--reference", str(cells),
+                 "--reference-label", "cell_type", "--transfer-k", "1"]) == 0
+    result = anndata.read_h5ad(out)
+    own = result.obs["cell_type"].astype(str).to_numpy()
+    np.testing.assert_array_equal(result.obs["transferred_cell_type"].astype(str), own)
+    assert (result.obs["transferred_cell_type_score"] == 1).all()
+    assert result.uns[UNS_KEY]["label_transfer"] == {
+        "reference": cells.name, "column": "cell_type", "k": 1,
+        "n_reference_cells": N_CELLS, "n_reference_labelled": N_CELLS}
+    assert "predicted_cell_type" in result.obs  # the heads' predictions are still written
+    capsys.readouterr()
+    assert main([model, str(cells), "--out", str(out), "--reference", str(cells),
+                 "--reference-label", "lineage"]) == 2
+    assert f"{cells}: no obs column 'lineage'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([model, str(cells), "--out", str(out), "--reference", str(cells)])
 
 
 def test_export_and_load_errors_name_the_file(tmp_path):
