@@ -42,8 +42,7 @@ def transfer_labels(reference: np.ndarray, labels, query: np.ndarray,
     classes = sorted(set(labels[known].astype(str)))
     codes = pd.Categorical(labels[known].astype(str), categories=classes).codes
     knn = KNeighborsClassifier(k).fit(reference[known], codes)
-    votes = knn.predict_proba(query)  # [query, classes]: share of the k neighbours
-    best = votes.argmax(axis=1)
-    present = knn.classes_  # codes that occur among the labelled reference cells
-    return (pd.Categorical.from_codes(present[best], categories=classes),
+    votes = knn.predict_proba(query)  # [query, classes]: share of the k neighbours (every
+    best = votes.argmax(axis=1)        # class occurs, so column j is label classes[j])
+    return (pd.Categorical.from_codes(best, categories=classes),
             votes[np.arange(len(best)), best].astype(np.float32))

@@ -95,7 +95,6 @@ class ShardStream:
         self.table = table if table is not None else ShardTable.read(cfg.shards, cfg.split)
         self.train = cfg.split == "train"
         self.epochs = self.table.epochs()
-        self.epoch_shards = [np.flatnonzero(self.table.epoch == e) for e in self.epochs]
         self.slot, self.n_slots = slot, n_slots
         self.seed, self.block = cfg.seed, cfg.shuffle_buffer if self.train else 1
         self.redeal = redeal
@@ -117,7 +116,7 @@ class ShardStream:
         ``epochs[epoch % E]``), less those a re-deal marks as read."""
         if epoch in self.orders:
             return self.orders[epoch]
-        order = self.epoch_shards[epoch % len(self.epochs)]
+        order = self.table.epoch_shards[epoch % len(self.epochs)]
         if self.train:
             order = keyed(self.seed, 0, epoch).permutation(order)
         if self.redeal is not None and epoch in self.redeal.done:
@@ -290,29 +289,26 @@ def redeal_after(cfg, positions: list[int], table: ShardTable, earlier: Redeal |
     shuffle block (the shuffle mixes the samples of a block across its shards). In an epoch dealt
     by shard each shard is one slot's, so the union of the slots' whole shards is done; in one
     dealt by sample every slot reads a share of every shard, so only shards every slot has
-    finished are. The old slots' streams are made one at a time and share their epochs' orders
-    (hundreds of slots of a corpus-sized epoch).
+    finished are. The old slots' streams share their epochs' orders (hundreds of slots of a
+    corpus-sized epoch) and, through the table, its shard lists.
     """
-    n, orders = len(positions), {}
-
-    def stream(slot: int) -> ShardStream:
-        return ShardStream(cfg, slot, n, table, earlier, orders)
-
-    where = [stream(slot).position(p) for slot, p in enumerate(positions)]
+    orders: dict = {}
+    streams = [ShardStream(cfg, slot, len(positions), table, earlier, orders)
+               for slot in range(len(positions))]
+    where = [s.position(p) for s, p in zip(streams, positions, strict=True)]
     first = min(epoch for epoch, _ in where)
     done: dict[int, np.ndarray] = {}
     reread = 0
     for t in range(first, max(epoch for epoch, _ in where) + 1):
         plans, whole = [], []
-        for slot, (epoch, offset) in enumerate(where):
-            s = stream(slot)
+        for s, (epoch, offset) in zip(streams, where, strict=True):
             plan = np.array(s.plan(t), dtype=np.int64).reshape(-1, 2)  # (shard, samples)
             ends = np.cumsum(plan[:, 1])
             taken = int(ends[-1]) if t < epoch and len(plan) else offset if t == epoch else 0
             full = taken - taken % s.block if t == epoch else taken
             plans.append((plan, taken))
             whole.append(plan[ends <= full, 0])
-        by_sample = stream(0).by_sample(t)
+        by_sample = streams[0].by_sample(t)
         finished = (functools.reduce(np.intersect1d, whole) if by_sample
                     else np.unique(np.concatenate(whole)))
         reread += sum(taken - int(plan[np.isin(plan[:, 0], finished), 1].sum())
@@ -364,6 +360,12 @@ class ShardTable:
     @functools.cached_property
     def _epochs(self) -> tuple[int, ...]:  # every stream of a rank asks (350,000 shards an epoch)
         return tuple(np.unique(self.epoch).tolist())
+
+    @functools.cached_property
+    def epoch_shards(self) -> list[np.ndarray]:
+        """Each packed epoch's shard indices (``epochs()`` order), made once for the streams of
+        a process."""
+        return [np.flatnonzero(self.epoch == e) for e in self._epochs]
 
     def source(self, shard: int) -> str:
         """Shard ``shard`` as a local file or a URL/pipe spec."""
