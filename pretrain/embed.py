@@ -2,7 +2,8 @@
 
     python -m pretrain.embed MODEL IN.h5ad --out OUT.h5ad [--organism NAME|NCBITaxon:N]
         [--batch-size N] [--device cpu|cuda] [--neighbours K] [--context N] [--seed S]
-        [--reference REF.h5ad --reference-label COLUMN [--transfer-k 15]]
+        [--reference REF.h5ad --reference-label COLUMN [--transfer-k 15]
+         [--transfer-search auto|exact|approximate]]
 
 The model must see a cell exactly as it saw cells in training, so the file goes through the code
 that built the training data: data_prep.ingest.open_counts reads and validates the counts
@@ -28,8 +29,9 @@ Counts are streamed in chunks of cells to a temporary CSR on disk (``TMPDIR``), 
 one chunk plus the graph's normalised HVG matrix. The output is a byte copy of the input with
 ``obsm['X_scpretrain']``, ``obs['predicted_<class>']`` / ``obs['predicted_<class>_score']`` and
 ``uns['scpretrain']`` added; X, layers, raw and existing columns are untouched. With a labelled
-``--reference`` file, embedded the same way, its labels are carried to every cell too
-(pretrain.label_transfer: ``obs['transferred_<column>']`` and ``..._score``).
+``--reference`` file, embedded the same way (or already embedded by this model file: its stored
+embedding is used), its labels are carried to every cell too (pretrain.label_transfer:
+``obs['transferred_<column>']`` and ``..._score``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ from data_prep.shard_format import (
 from pretrain.batches import BatchBuilder, record
 from pretrain.data import DataConfig
 from pretrain.export import ExportedModel, load_model_file
-from pretrain.label_transfer import DEFAULT_K, labelled, transfer_labels
+from pretrain.label_transfer import DEFAULT_K, METHODS, labelled, search_method, transfer_labels
 from utils import atomic
 
 EMBEDDING_KEY = "X_scpretrain"
@@ -279,7 +281,8 @@ def embed_cells(
                     codes[c][rows] = code.cpu().numpy()
                     scores[c][rows] = score.clamp(0.0, 1.0).cpu().numpy()
                 bar.update(rows.shape[0])
-        summary = {"model": exported.path.name, "model_tag": exported.tag, **cells.summary(),
+        summary = {"model": exported.path.name, "model_tag": exported.tag,
+                   "model_sha256": exported.sha256, **cells.summary(),
                    "context": context, "seed": seed}
     obs: dict[str, pd.Categorical | np.ndarray] = {}
     for c in model.class_index:
@@ -291,22 +294,54 @@ def embed_cells(
 
 def embed_anndata(
     model_file: ExportedModel | str | Path,
-    adata_path: str | Path,
+    adata: anndata.AnnData | str | Path,
     out_path: str | Path | None = None,
+    *,
+    copy: bool = False,
     **options,
 ) -> anndata.AnnData:
-    """``embed_cells`` (same keyword ``options``) applied to a copy of ``adata_path``.
+    """``embed_cells`` (same keyword ``options``) applied to an .h5ad file or an AnnData.
 
-    With ``out_path`` the copy is written there and returned opened backed (X stays on disk);
-    without, the input is read into memory and returned annotated. The input is never changed.
+    A file is never changed: with ``out_path`` an annotated copy is written there and returned
+    opened backed (X stays on disk); without, the file is read into memory and returned
+    annotated. An AnnData in memory is written to a temporary .h5ad, so that the same code reads
+    and checks its counts as a file's, and gets the results in ``obs`` / ``obsm`` / ``uns`` (X,
+    layers and existing columns untouched) like scanpy's tools: in place and returned (a view
+    becomes an AnnData of its own, as anndata makes it when a view is written to), or on a copy
+    with ``copy=True``; with ``out_path`` it is left as it is.
     """
-    if out_path is not None:
-        _check_output(adata_path, out_path)
-    ann = embed_cells(model_file, adata_path, **options)
-    if out_path is not None:
-        write_annotated_copy(adata_path, out_path, ann)
-        return anndata.read_h5ad(out_path, backed="r")
-    adata = anndata.read_h5ad(adata_path)
+    if not isinstance(adata, anndata.AnnData):
+        if out_path is not None:
+            _check_output(adata, out_path)
+        ann = embed_cells(model_file, adata, **options)
+        if out_path is not None:
+            write_annotated_copy(adata, out_path, ann)
+            return anndata.read_h5ad(out_path, backed="r")
+        return _annotated(anndata.read_h5ad(adata), ann)
+    with _as_file(adata) as path:
+        ann = embed_cells(model_file, path, **options)
+        if out_path is not None:
+            write_annotated_copy(path, out_path, ann)
+            return anndata.read_h5ad(out_path, backed="r")
+    if copy:
+        adata = adata.to_memory() if adata.isbacked else adata.copy()
+    return _annotated(adata, ann)
+
+
+@contextmanager
+def _as_file(adata: anndata.AnnData) -> Iterator[Path]:
+    """The .h5ad holding ``adata``: its own file when it is backed (and not a view), else a
+    temporary copy (the name says where the cells came from in any error about them)."""
+    if adata.isbacked and not adata.is_view:
+        yield Path(adata.filename)
+        return
+    with tempfile.TemporaryDirectory(prefix="scpretrain-embed-") as tmp:
+        path = Path(tmp) / "in_memory_anndata.h5ad"
+        adata.write_h5ad(path)
+        yield path
+
+
+def _annotated(adata: anndata.AnnData, ann: Annotations) -> anndata.AnnData:
     for key, values in ann.obs.items():
         adata.obs[key] = values
     adata.obsm.update(ann.obsm)
@@ -315,28 +350,61 @@ def embed_anndata(
 
 
 def transfer_from(reference: str | Path, column: str, ann: Annotations, exported: ExportedModel,
-                  k: int = DEFAULT_K, **options) -> Annotations:
+                  k: int = DEFAULT_K, method: str = "auto", **options) -> Annotations:
     """``ann`` (a query file's annotations) with ``reference``'s ``obs[column]`` carried over:
-    the reference is embedded with the same model and ``options`` (``embed_cells``), then each
-    query cell takes the majority label of its ``k`` nearest reference cells."""
+    each query cell takes the majority label of its ``k`` nearest reference cells
+    (``pretrain.label_transfer``, ``method`` "auto", "exact" or "approximate").
+
+    The reference's embedding is the one it stores (``obsm['X_scpretrain']``) when this model file
+    wrote it with the same context, neighbours and seed (and organism, when ``options`` names
+    one): an atlas embedded once serves every query. Otherwise it is embedded here with the
+    same model and ``options`` (``embed_cells``)."""
     try:
-        values = anndata.read_h5ad(reference, backed="r").obs
+        ref = anndata.read_h5ad(reference, backed="r")
     except (OSError, KeyError) as e:
-        raise ValueError(f"{reference}: cannot read the reference's obs ({e})") from None
-    if column not in values:
+        raise ValueError(f"{reference}: cannot read the reference ({e})") from None
+    if column not in ref.obs:
         raise ValueError(f"{reference}: no obs column {column!r} (columns: "
-                         f"{', '.join(map(str, values.columns)) or 'none'})")
-    labels = values[column].to_numpy()
-    ref = embed_cells(exported, reference, **options)
-    transferred, score = transfer_labels(ref.obsm[EMBEDDING_KEY], labels,
-                                         ann.obsm[EMBEDDING_KEY], k)
-    summary = {**ann.uns[UNS_KEY], "label_transfer": {
+                         f"{', '.join(map(str, ref.obs.columns)) or 'none'})")
+    labels = ref.obs[column].to_numpy()
+    query = ann.uns[UNS_KEY]
+    emb, source = stored_embedding(ref, query, options.get("organism") is not None), "stored"
+    if emb is None:
+        emb, source = embed_cells(exported, reference, **options).obsm[EMBEDDING_KEY], "computed"
+    method = search_method(len(ann.obsm[EMBEDDING_KEY]), int(labelled(labels).sum()),
+                           emb.shape[1], method)
+    transferred, score = transfer_labels(emb, labels, ann.obsm[EMBEDDING_KEY], k, method,
+                                         seed=int(query["seed"]))
+    summary = {**query, "label_transfer": {
         "reference": Path(reference).name, "column": column, "k": k,
         "n_reference_cells": int(len(labels)),
-        "n_reference_labelled": int(labelled(labels).sum())}}
+        "n_reference_labelled": int(labelled(labels).sum()),
+        "reference_embedding": source,
+        "search": method}}
     return Annotations(obs={**ann.obs, f"transferred_{column}": transferred,
                             f"transferred_{column}_score": score},
                        obsm=ann.obsm, uns={UNS_KEY: summary})
+
+
+# what must be equal for a stored embedding to be the one this model and these options make
+SAME_EMBEDDING = ("model_sha256", "context", "neighbours", "seed")
+
+
+def stored_embedding(adata: anndata.AnnData, query_summary: dict,
+                     named_organism: bool) -> np.ndarray | None:
+    """``adata``'s ``obsm['X_scpretrain']`` if the embedding that made ``query_summary`` (the
+    ``uns['scpretrain']`` of a file just embedded) would make it again: same model file, context,
+    neighbours and seed, every cell embedded (and the same organism when it was named rather
+    than read from each file). None otherwise."""
+    stored = adata.uns.get(UNS_KEY)
+    emb = adata.obsm.get(EMBEDDING_KEY)
+    if not isinstance(stored, dict) or emb is None:
+        return None
+    keys = SAME_EMBEDDING + (("organism",) if named_organism else ())
+    same = all(str(stored.get(key)) == str(query_summary[key]) for key in keys)
+    if not same or emb.shape[0] != adata.n_obs or int(stored.get("n_cells", -1)) != adata.n_obs:
+        return None
+    return np.asarray(emb, dtype=np.float32)
 
 
 def write_annotated_copy(src: str | Path, out: str | Path, ann: Annotations) -> Path:
@@ -413,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the reference's obs column to carry over")
     parser.add_argument("--transfer-k", type=int, default=DEFAULT_K,
                         help=f"reference neighbours that vote (default: {DEFAULT_K})")
+    parser.add_argument("--transfer-search", choices=METHODS, default="auto",
+                        help="how the nearest reference cells are found: exact, approximate "
+                             "(an NN-descent index, for atlas-sized references) or auto "
+                             "(exact while query x reference cells is small; default)")
     args = parser.parse_args(argv)
     if bool(args.reference) != bool(args.reference_label):
         parser.error("--reference and --reference-label go together")
@@ -425,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         ann = embed_cells(exported, args.input, **options)
         if args.reference:
             ann = transfer_from(args.reference, args.reference_label, ann, exported,
-                                args.transfer_k, **options)
+                                args.transfer_k, args.transfer_search, **options)
         write_annotated_copy(args.input, args.out, ann)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -435,6 +507,11 @@ def main(argv: list[str] | None = None) -> int:
           f"({s['share_genes_known']:.1%}) are in the model's {s['organism_name']} vocabulary, "
           f"holding {s['share_counts_known']:.1%} of the counts; "
           f"{s['n_cells_no_known_gene']} of {s['n_cells']} cells have no known expressed gene")
+    if args.reference:
+        t = s["label_transfer"]
+        print(f"{args.reference}: {t['n_reference_labelled']} labelled of {t['n_reference_cells']} "
+              f"cells, {t['reference_embedding']} embedding, {t['search']} search: "
+              f"obs['transferred_{args.reference_label}']")
     print(f"wrote {args.out}")
     return 0
 

@@ -17,6 +17,7 @@ settings stay the manifest's plain dict (``pretrain.embed`` makes them a ``Graph
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +55,9 @@ class ExportedModel:
     # manifest records them ({}: the build's defaults)
     graph_config: dict
     tag: str  # the checkpoint it was exported from
+    # the file's SHA-256: what pretrain.embed records as the model of an embedding, so that a
+    # stored embedding is reused only by the file that made it
+    sha256: str
 
     @property
     def genes(self) -> dict[str, OrganismRange]:
@@ -169,7 +173,13 @@ def load_model_file(path: str | Path) -> ExportedModel:
     return ExportedModel(
         path=path, model=model, config=model.cfg, vocab=vocab, labels=labels,
         train_context=int(payload["train_context"]),
-        graph_config=dict(payload["graph_config"]), tag=payload["tag"])
+        graph_config=dict(payload["graph_config"]), tag=payload["tag"],
+        sha256=_file_sha256(path))
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_payload(path: Path) -> dict:

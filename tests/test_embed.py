@@ -36,7 +36,7 @@ from pretrain.embed import (
     open_cells,
 )
 from pretrain.export import export, load_exported, load_model_file, write_model_file
-from pretrain.label_transfer import transfer_labels
+from pretrain.label_transfer import EXACT_WORK_BELOW, search_method, transfer_labels
 from pretrain.model import ModelConfig, ScPrintModel
 
 SOURCE = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -192,6 +192,30 @@ def test_no_neighbours_and_corrupted_batches(model_file, cells):
     assert not torch.equal(batch["input_counts"], batch["counts"])
 
 
+def test_embed_anndata_in_memory(model_file, cells):
+    """An AnnData in memory gets what its file gets: in place (X untouched), on a copy with
+    copy=True (the input unchanged), and a view of some of its cells works too."""
+    exported = load_model_file(model_file[0])
+    from_file = embed_cells(exported, cells, batch_size=64)
+    adata = anndata.read_h5ad(cells)
+    x_before = adata.X.copy()
+    copied = embed_anndata(exported, adata, copy=True)
+    assert EMBEDDING_KEY not in adata.obsm and "predicted_cell_type" not in adata.obs
+    assert embed_anndata(exported, adata) is adata
+    for result in (adata, copied):
+        np.testing.assert_array_equal(result.obsm[EMBEDDING_KEY], from_file.obsm[EMBEDDING_KEY])
+        assert result.obs["predicted_cell_type"].tolist() == \
+            from_file.obs["predicted_cell_type"].tolist()
+        assert result.uns[UNS_KEY]["model_sha256"] == _sha256(model_file[0])
+    assert (adata.X != x_before).nnz == 0
+    subset = embed_anndata(exported, anndata.read_h5ad(cells)[:40], neighbours=0)
+    assert subset.obsm[EMBEDDING_KEY].shape == (40, 64) and subset.n_obs == 40
+    backed = anndata.read_h5ad(cells, backed="r")  # read from its own file
+    on_disk = embed_anndata(exported, backed, copy=True)
+    np.testing.assert_array_equal(on_disk.obsm[EMBEDDING_KEY], from_file.obsm[EMBEDDING_KEY])
+    assert not on_disk.isbacked and EMBEDDING_KEY not in backed.obsm
+
+
 def test_cli_rejects_bad_inputs_naming_the_file(model_file, cells, tmp_path, capsys):
     text = tmp_path / "notes.h5ad"
     text.write_text("not an AnnData file\n")
@@ -245,22 +269,64 @@ def test_transfer_labels_votes_among_the_nearest_reference_cells():
         transfer_labels(reference, labels[:3], query)
 
 
+def test_approximate_search_gives_the_exact_searchs_labels():
+    """The NN-descent index (what "auto" picks for atlas-sized searches) votes the labels the
+    exact search votes on clustered 32-d cells, and gives the same labels on a rerun."""
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 4, (12, 32))
+    reference = np.concatenate([c + rng.normal(0, 1, (300, 32)) for c in centres])
+    labels = np.repeat([f"type{i}" for i in range(12)], 300)
+    query = np.concatenate([c + rng.normal(0, 1, (40, 32)) for c in centres])
+    exact, exact_score = transfer_labels(reference, labels, query, method="exact")
+    approx, approx_score = transfer_labels(reference, labels, query, method="approximate")
+    assert (np.asarray(exact) == np.repeat([f"type{i}" for i in range(12)], 40)).mean() > 0.99
+    assert (np.asarray(approx) == np.asarray(exact)).mean() >= 0.99
+    assert np.abs(approx_score - exact_score).mean() < 0.02
+    again, again_score = transfer_labels(reference, labels, query, method="approximate")
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(approx))
+    np.testing.assert_array_equal(again_score, approx_score)
+    assert search_method(1000, 1000, 64) == "exact"
+    assert search_method(100_000, 200_000, 256, threads=1) == "approximate"
+    assert search_method(100_000, 200_000, 256, threads=4) == "exact"  # work shared by threads
+    assert search_method(1, int(EXACT_WORK_BELOW) // 2, 2, threads=1) == "approximate"
+    assert search_method(100_000, 200_000, 256, "exact", threads=1) == "exact"
+    with pytest.raises(ValueError, match="method 'fast': one of auto, exact, approximate"):
+        transfer_labels(reference, labels, query, method="fast")
+
+
 def test_cli_carries_a_reference_files_labels(model_file, cells, tmp_path, capsys):
     """--reference: the reference is embedded by the same model and its labels voted onto the
-    input's cells; with the input as its own reference and k = 1 every cell takes its own."""
+    input's cells; with the input as its own reference and k = 1 every cell takes its own. A
+    reference this model file already embedded with the same settings is not embedded again."""
     out = tmp_path / "out.h5ad"
     model = str(model_file[0])
     assert main([model, str(cells), "--out", str(out), "--reference", str(cells),
                  "--reference-label", "cell_type", "--transfer-k", "1"]) == 0
+    assert "300 labelled of 300 cells, computed embedding, exact search" in capsys.readouterr().out
     result = anndata.read_h5ad(out)
     own = result.obs["cell_type"].astype(str).to_numpy()
     np.testing.assert_array_equal(result.obs["transferred_cell_type"].astype(str), own)
     assert (result.obs["transferred_cell_type_score"] == 1).all()
     assert result.uns[UNS_KEY]["label_transfer"] == {
         "reference": cells.name, "column": "cell_type", "k": 1,
-        "n_reference_cells": N_CELLS, "n_reference_labelled": N_CELLS}
+        "n_reference_cells": N_CELLS, "n_reference_labelled": N_CELLS,
+        "reference_embedding": "computed", "search": "exact"}
+    assert result.uns[UNS_KEY]["model_sha256"] == _sha256(model_file[0])
     assert "predicted_cell_type" in result.obs  # the heads' predictions are still written
-    capsys.readouterr()
+
+    # the output, embedded by this model, serves as a reference without a second embedding
+    again = tmp_path / "again.h5ad"
+    assert main([model, str(cells), "--out", str(again), "--reference", str(out),
+                 "--reference-label", "cell_type", "--transfer-k", "1"]) == 0
+    assert "stored embedding" in capsys.readouterr().out
+    reused = anndata.read_h5ad(again)
+    assert reused.uns[UNS_KEY]["label_transfer"]["reference_embedding"] == "stored"
+    np.testing.assert_array_equal(reused.obs["transferred_cell_type"].astype(str), own)
+    # another seed makes another embedding: the stored one is not used
+    assert main([model, str(cells), "--out", str(again), "--reference", str(out),
+                 "--reference-label", "cell_type", "--seed", "1"]) == 0
+    assert "computed embedding" in capsys.readouterr().out
+
     assert main([model, str(cells), "--out", str(out), "--reference", str(cells),
                  "--reference-label", "lineage"]) == 2
     assert f"{cells}: no obs column 'lineage'" in capsys.readouterr().err
