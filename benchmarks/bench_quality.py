@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(its row for the PBMC file, if any, is left out)")
     p.add_argument("--held-out", default="", help="(b): an .h5ad never trained on")
     p.add_argument("--held-out-label", default="", help="(b): its obs column of cell types")
+    p.add_argument("--embed-precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="pretrain.embed's forward precision (auto: bf16 where native)")
     p.add_argument("--doc", default="", help="write the table and picture here (markdown)")
     args = p.parse_args(argv)
     if bool(args.held_out) != bool(args.held_out_label):
@@ -335,13 +337,14 @@ def main(argv: list[str] | None = None) -> None:
         files, took = trained_and_random(args, shards, out / f"seed{seed}", seed)
         seconds.append(took)
         models = {name: load_model_file(f) for name, f in files.items()}
-        stim_embeddings = score_models(scores, models, ctrl, stim, y_ctrl, y_stim)
+        stim_embeddings = score_models(scores, models, ctrl, stim, y_ctrl, y_stim,
+                                       args.embed_precision)
         embeddings = embeddings or stim_embeddings  # the picture shows the first seed
         for name, r in denoising(models, stim, gene_shares(models["model"], ctrl),
                                  seed=0).items():
             recon.setdefault(name, []).append(r)
         if held is not None:
-            held_out_models(scores, held, models)
+            held_out_models(scores, held, models, args.embed_precision)
 
     table = format_table(scores, recon)
     print(table)
@@ -372,14 +375,15 @@ class Scores:
 
 
 def score_models(scores: Scores, models: dict, ctrl: Path, stim: Path,
-                 y_ctrl: np.ndarray, y_stim: np.ndarray) -> dict[str, np.ndarray]:
+                 y_ctrl: np.ndarray, y_stim: np.ndarray, precision: str) -> dict[str, np.ndarray]:
     """(a) for each loaded model file: its head and a kNN probe on its embedding (fitted on the
     CTRL cells' embedding); returns the STIM cells' embeddings."""
     from pretrain.embed import embed_anndata
 
     a, embeddings = "(a) CTRL -> STIM", {}
     for name, model in models.items():
-        e_ctrl, e_stim = embed_anndata(model, ctrl), embed_anndata(model, stim)
+        e_ctrl = embed_anndata(model, ctrl, precision=precision)
+        e_stim = embed_anndata(model, stim, precision=precision)
         embeddings[name] = e_stim.obsm["X_scpretrain"]
         scores.add(a, f"{name}: head", e_stim.obs[f"predicted_{LABEL}"].astype(str).to_numpy(),
                    y_stim)
@@ -429,14 +433,14 @@ def held_out_baselines(scores: Scores, held: HeldOut) -> None:
                    held.y[held.keep])
 
 
-def held_out_models(scores: Scores, held: HeldOut, models: dict) -> None:
+def held_out_models(scores: Scores, held: HeldOut, models: dict, precision: str) -> None:
     """(b) for each loaded model file: a cross-validated kNN probe on its embedding, and its
     head where the dataset's cell types are ones the head knows."""
     from pretrain.embed import embed_anndata
 
     truth = held.y[held.keep]
     for name, model in models.items():
-        embedded = embed_anndata(model, held.path)
+        embedded = embed_anndata(model, held.path, precision=precision)
         scores.add(held.setting, f"{name}: kNN probe on the embedding",
                    _cross_validated(held, knn_predict, embedded.obsm["X_scpretrain"]), truth)
         if set(held.y) & set(model.labels[LABEL]):  # its cell types are ones the head knows

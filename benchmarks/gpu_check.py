@@ -1,10 +1,11 @@
 """The GPU path end to end in one run: kernels (correctness, determinism, speed), the DeepSet
-encoder, and the trainer under DeepSpeed (NCCL, bf16, ZeRO-2) with evaluation, a checkpoint, a
-kill and a resume. Started by ``bash benchmarks/gpu_check.sh`` (which installs what the machine
-lacks from prepared wheels); writes ``OUT/gpu_check.json`` with top-level keys ``device``,
-``kernels`` and ``trainer`` after every part (a run stopped by a time limit keeps what it did),
-and at the end prints its figures as markdown tables, the device named, and writes them to
-``OUT/gpu_check.md`` (``--report-from OUT/gpu_check.json`` writes them from the JSON alone).
+encoder, the trainer under DeepSpeed (NCCL, bf16, ZeRO-2) with evaluation, a checkpoint, a kill
+and a resume, and the trained model embedding real cells. Started by ``bash
+benchmarks/gpu_check.sh`` (which installs what the machine lacks from prepared wheels); writes
+``OUT/gpu_check.json`` with top-level keys ``device``, ``kernels``, ``trainer`` and ``embed``
+after every part (a run stopped by a time limit keeps what it did), and at the end prints its
+figures as markdown tables, the device named, and writes them to ``OUT/gpu_check.md``
+(``--report-from OUT/gpu_check.json`` writes them from the JSON alone).
 
 On a GPU (about 6 minutes on one H100/H200):
 - kernel correctness: the criss-cross kernels in bf16 and fp32 against float64 math, forward and
@@ -21,13 +22,18 @@ On a GPU (about 6 minutes on one H100/H200):
   pretrain/device_peaks.py) is the median over the steps after the first three;
 - kernel speed at N = 1,024 and 3,200 (benchmarks/bench_kernels.py: Triton criss-cross, SDPA
   reference, compiled FlexAttention, SDPA flash full attention, flash-attn if installed);
-- the DeepSet encoder fused vs reference vs compiled reference, with peak memory.
+- the DeepSet encoder fused vs reference vs compiled reference, with peak memory;
+- ``pretrain.embed`` with the uninterrupted criss-cross run's model, exported, on the real PBMC
+  file (2,800 cells) on the GPU in fp32 and in bf16 (benchmarks/bench_embed.py): cells/s of each
+  and of the samples alone (CPU work: reading, neighbour graph, batches), and how far bf16 moves
+  the embeddings.
 Parts run in that order of importance; one that would start past ``--budget-s`` is skipped and
 says so in the JSON.
 
 ``--cpu``: the same steps that need no GPU, small and quick (the test suite runs it): the
-kernels through the Triton interpreter, the DeepSet correctness rows, and a one-process ``tiny``
-trainer on CPU (gloo) with evaluation, checkpoint, kill and resume.
+kernels through the Triton interpreter, the DeepSet correctness rows, a one-process ``tiny``
+trainer on CPU (gloo) with evaluation, checkpoint, kill and resume, and the embedding step on
+300 cells.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ def settings(cpu: bool) -> dict:
             shards=["--context-genes", "256", "--stream-size", "600", "--shard-samples", "150"],
             train=dict(model="tiny", context=256, batch=4, steps=4, every=2, eval_batches=1,
                        precision="fp32", full_steps=2),
+            embed_cells=300,
         )
     return dict(
         correctness=[("small", 8, 4, 3200, 200, 64), ("large", 2, 20, 3200, 200, 64)],
@@ -78,6 +85,7 @@ def settings(cpu: bool) -> dict:
         shards=["--context-genes", "3200", "--stream-size", "1500", "--shard-samples", "300"],
         train=dict(model="small", context=3200, batch=30, steps=30, every=15, eval_batches=4,
                    precision="bf16", full_steps=30),
+        embed_cells=None,  # all 2,800
     )
 
 
@@ -332,6 +340,29 @@ def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float) -> 
     return result
 
 
+def embedding(run: Path, work: Path, device: torch.device, cells: int | None) -> dict:
+    """``pretrain.embed`` with ``run``'s model on the real PBMC file (its first ``cells`` cells;
+    all when None) on ``device``, fp32 against bf16 (bench_embed.compare)."""
+    import anndata
+    from bench_embed import compare
+
+    from pretrain.export import export
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = REPO / "data" / DATASET
+    if cells is not None:
+        anndata.read_h5ad(data)[:cells].copy().write_h5ad(work / "cells.h5ad")
+        data = work / "cells.h5ad"
+    # on a CPU, the model as pretrain.embed runs it there (the PyTorch reference), not through
+    # the Triton interpreter that --cpu turned on for the kernel checks
+    interpret = os.environ.pop("TRITON_INTERPRET", None) if device.type == "cpu" else None
+    try:
+        return compare(export(run, work / "model.pt"), data, repeats=1, device=device)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+
+
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +455,14 @@ def report(result: dict) -> str:
                 f"Resume: {t.get('resume')}"]
     elif t is not None:
         out += ["", f"Trainer: {t}"]
+    e = result.get("embed")
+    if isinstance(e, dict):
+        out += ["", f"### pretrain.embed: {e['name']}, {e['cells']} cells, context {e['context']}"
+                    " (cells/s; samples alone: reading, neighbour graph, batches)", "",
+                table([e], ["samples_s", "fp32_cells_per_s", "bf16_cells_per_s", "cos_min",
+                            "max_abs", "same_type", "kept_neighbours"])]
+    elif e is not None:
+        out += ["", f"pretrain.embed: {e}"]
     out += ["", f"Verdict: {result.get('verdict', 'unfinished')}  "
                 f"({result.get('elapsed_s', 0):.0f} s)"]
     return "\n".join(out) + "\n"
@@ -444,7 +483,8 @@ def verdict(result: dict) -> str:
     resume = t.get("resume") if isinstance(t, dict) else None
     if not resume or not resume["losses_match_bitwise"]:
         problems.append("resumed losses differ from the uninterrupted run's")
-    for name, part in (("speed", k.get("speed")), ("deepset", k.get("deepset"))):
+    for name, part in (("speed", k.get("speed")), ("deepset", k.get("deepset")),
+                       ("embed", result.get("embed"))):
         if isinstance(part, list) and any("error" in r for r in part):
             problems.append(f"{name}: a row failed")
         elif isinstance(part, str) and part.startswith("error"):
@@ -503,6 +543,12 @@ def main() -> int:
         k["deepset"] = "skipped: time budget spent"
     else:
         k["deepset"] = attempt(deepset_rows, args.cpu)
+    write(result, out)
+    if not args.cpu and time.time() > deadline:
+        result["embed"] = "skipped: time budget spent"
+    else:
+        result["embed"] = attempt(embedding, out / "runs" / "criss_cross", out / "embed", device,
+                                  cfg["embed_cells"])
     result["elapsed_s"] = time.time() - began
     result["verdict"] = verdict(result)
     write(result, out)

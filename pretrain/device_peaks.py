@@ -11,6 +11,9 @@ An override always wins: ``SCPRETRAIN_PEAK_TFLOPS`` and ``SCPRETRAIN_PEAK_TBPS``
 environment, or the ``peak_tflops`` / ``peak_tbps`` arguments (the trainer's ``--peak-tflops``).
 An unknown device without an override has no peak: MFU and roofline percentages are then left
 out rather than computed against a guess.
+
+``native_bf16`` tells whether a device multiplies bf16 natively: what precision "auto" of the
+trainer and of ``pretrain.embed`` turns into bf16.
 """
 
 from __future__ import annotations
@@ -130,3 +133,14 @@ def device_peak(device: torch.device | str | None = None, precision: str = "bf16
     else:
         source = f"table: {found[0]}" if found else "unknown device"
     return DevicePeak(name, precision, flops, nbytes, source)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bf16 natively, what precision "auto" (trainer and
+    ``pretrain.embed``) takes bf16 on: a CUDA device of compute capability 8.0 (Ampere) or newer,
+    or a CPU that oneDNN runs bf16 on (AVX-512 BW/VL/DQ or newer; torch's own test). Elsewhere
+    bf16 is emulated and slower than fp32 (5x in training on an AVX2-only CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()

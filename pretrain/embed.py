@@ -2,6 +2,7 @@
 
     python -m pretrain.embed MODEL IN.h5ad --out OUT.h5ad [--organism NAME|NCBITaxon:N]
         [--batch-size N] [--device cpu|cuda] [--neighbours K] [--context N] [--seed S]
+        [--precision auto|bf16|fp32]
         [--reference REF.h5ad --reference-label COLUMN [--transfer-k 15]
          [--transfer-search auto|exact|approximate]]
 
@@ -23,7 +24,8 @@ Where it differs from training:
 - no cell is dropped (QC is for training data); a cell with no counts gets an embedding too;
 - genes outside the model's vocabulary are dropped from the samples (the graph still uses them);
 - a cell expressing more genes than the context keeps a random subset keyed by (seed, cell), not
-  by its batch row as in the loader, so its embedding does not depend on batch size or order.
+  by its batch row as in the loader, so its embedding does not depend on batch size or order
+  (in fp32; bf16 rounding follows the batch shape).
 
 Counts are streamed in chunks of cells to a temporary CSR on disk (``TMPDIR``), so memory holds
 one chunk plus the graph's normalised HVG matrix. The output is a byte copy of the input with
@@ -69,11 +71,13 @@ from data_prep.shard_format import (
 )
 from pretrain.batches import BatchBuilder, record
 from pretrain.data import DataConfig
+from pretrain.device_peaks import native_bf16
 from pretrain.export import ExportedModel, load_model_file
 from pretrain.label_transfer import DEFAULT_K, METHODS, labelled, search_method, transfer_labels
 from utils import atomic
 
 EMBEDDING_KEY = "X_scpretrain"
+PRECISIONS = ("auto", "bf16", "fp32")
 UNS_KEY = "scpretrain"
 DEFAULT_NEIGHBOURS = 6
 
@@ -256,16 +260,20 @@ def embed_cells(
     device: str | torch.device = "cpu",
     context: int | None = None,
     seed: int = 0,
+    precision: str = "auto",
     progress: bool = False,
 ) -> Annotations:
     """The cell embeddings, predicted labels and summary of every cell of ``adata_path``.
 
     ``context`` defaults to the model's training context. The model is moved to ``device``.
+    ``precision``: "bf16" runs the forward under bf16 autocast (the weights stay fp32), "fp32"
+    without; "auto" is bf16 where the device multiplies bf16 natively (as in training).
     """
     exported = _exported(model_file)
     context = exported.train_context if context is None else context
     cfg = inference_config(context, neighbours, batch_size, seed)
     device = _device(device)
+    precision = _precision(precision, device)
     model = exported.model.to(device).eval()
     with open_cells(exported, adata_path, organism, neighbours, seed, progress) as cells:
         n = cells.n_cells
@@ -274,7 +282,8 @@ def embed_cells(
         scores = {c: np.empty(n, dtype=np.float32) for c in model.class_index}
         with tqdm(total=n, desc="embed", unit="cell", disable=not progress) as bar:
             for rows, batch in cells.batches(cfg):
-                out = model.predict({k: v.to(device) for k, v in batch.items()})
+                with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                    out = model.predict({k: v.to(device) for k, v in batch.items()})
                 emb[rows] = out["cell_emb"].cpu().numpy()
                 for c, probs in out["class_probs"].items():
                     score, code = probs.max(dim=1)
@@ -283,7 +292,7 @@ def embed_cells(
                 bar.update(rows.shape[0])
         summary = {"model": exported.path.name, "model_tag": exported.tag,
                    "model_sha256": exported.sha256, **cells.summary(),
-                   "context": context, "seed": seed}
+                   "context": context, "seed": seed, "precision": precision}
     obs: dict[str, pd.Categorical | np.ndarray] = {}
     for c in model.class_index:
         obs[f"predicted_{c}"] = pd.Categorical.from_codes(
@@ -386,7 +395,8 @@ def transfer_from(reference: str | Path, column: str, ann: Annotations, exported
                        obsm=ann.obsm, uns={UNS_KEY: summary})
 
 
-# what must be equal for a stored embedding to be the one this model and these options make
+# what must be equal for a stored embedding to be the one this model and these options make;
+# the device and precision change only its rounding (bf16 against fp32: cosine > 0.9999)
 SAME_EMBEDDING = ("model_sha256", "context", "neighbours", "seed")
 
 
@@ -444,6 +454,14 @@ def _check_neighbours(neighbours: int) -> None:
         raise ValueError(f"neighbours must be in 0..{MAX_NEIGHBOURS}, not {neighbours}")
 
 
+def _precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def _exported(model_file: ExportedModel | str | Path) -> ExportedModel:
     return model_file if isinstance(model_file, ExportedModel) else load_model_file(model_file)
 
@@ -474,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=None,
                         help="genes per cell (default: the model's training context)")
     parser.add_argument("--seed", type=int, default=0, help="PCA/kNN and gene-choice seed")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bf16 (autocast) or fp32 forward; auto: bf16 where the device "
+                             "multiplies bf16 natively (GPUs from Ampere, AVX-512/AMX CPUs)")
     parser.add_argument("--reference", default=None,
                         help="a labelled .h5ad whose labels are carried to the input's cells "
                              "through the embedding (kNN vote); needs --reference-label")
@@ -493,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         exported = load_model_file(args.model)
         options = dict(organism=args.organism, neighbours=args.neighbours,
                        batch_size=args.batch_size, device=args.device, context=args.context,
-                       seed=args.seed, progress=True)
+                       seed=args.seed, precision=args.precision, progress=True)
         ann = embed_cells(exported, args.input, **options)
         if args.reference:
             ann = transfer_from(args.reference, args.reference_label, ann, exported,

@@ -44,7 +44,7 @@ from pretrain.config import (  # noqa: E402
     TrainConfig,
     parse_train_config,
 )
-from pretrain.device_peaks import DevicePeak, device_peak  # noqa: E402
+from pretrain.device_peaks import DevicePeak, device_peak, native_bf16  # noqa: E402
 from pretrain.distributed import gather_across_ranks, sum_across_ranks  # noqa: E402
 from pretrain.evaluate import evaluate, to_device  # noqa: E402
 from utils import atomic  # noqa: E402
@@ -61,8 +61,9 @@ def resolve_ds_config(cfg: RunConfig, path: str | Path, native_bf16: bool) -> di
     """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run's config.
 
     Precision ``"auto"`` is bf16 where the device multiplies bf16 natively (``native_bf16``:
-    GPUs, CPUs with AVX-512 or AMX) and fp32 elsewhere: an AVX2-only CPU emulates bf16 matmuls,
-    and `tiny` trained 5x slower in bf16 than in fp32 on one (docs/benchmarks/train.md).
+    Ampere or newer GPUs, CPUs with AVX-512 or AMX; ``device_peaks.native_bf16``) and fp32
+    elsewhere: an AVX2-only CPU emulates bf16 matmuls, and `tiny` trained 5x slower in bf16
+    than in fp32 on one (docs/benchmarks/train.md).
     """
     path = Path(path)
     try:
@@ -368,9 +369,8 @@ class Trainer:
                              self.hierarchy)
         seed_all(cfg.seed + 1000 * (self.rank + 1))  # then distinct dropout/noise per rank
 
-        # torch's own test of oneDNN bf16 support (AVX-512 BW/VL/DQ or newer) on CPUs
-        native_bf16 = cuda or torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        self.ds_config = resolve_ds_config(run_cfg, cfg.deepspeed_config, native_bf16)
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu"
+        self.ds_config = resolve_ds_config(run_cfg, cfg.deepspeed_config, native_bf16(device))
         tag = latest_tag(self.ckpt_dir) if cfg.resume else None
         layout = saved_layout(self.ckpt_dir / tag) if tag else None
         self.saved_world = layout[0] if layout else self.world

@@ -26,6 +26,7 @@ from data_prep.genes import SymbolMap
 from data_prep.labels import LabelVocab
 from data_prep.vocab import GeneVocab
 from pretrain.data import DataConfig
+from pretrain.device_peaks import native_bf16
 from pretrain.embed import (
     EMBEDDING_KEY,
     UNS_KEY,
@@ -152,17 +153,30 @@ def test_cli_writes_an_annotated_copy(repo_root, model_file, cells, tmp_path):
     assert summary["model"] == "model.pt" and summary["organism"] == "NCBITaxon:9606"
 
 
-def test_embedding_is_deterministic_and_independent_of_batch_size(model_file, cells):
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-5), ("bf16", 5e-3)])
+def test_embedding_is_deterministic_and_independent_of_batch_size(model_file, cells, precision,
+                                                                 atol):
+    """Bitwise on a rerun; another batch size moves the embedding by rounding only (in bf16
+    the matmuls' blocking follows the batch shape)."""
     exported = load_model_file(model_file[0])
-    first = embed_cells(exported, cells, batch_size=64)
-    again = embed_cells(exported, cells, batch_size=64)
-    small = embed_cells(exported, cells, batch_size=7)
+    first = embed_cells(exported, cells, batch_size=64, precision=precision)
+    again = embed_cells(exported, cells, batch_size=64, precision=precision)
+    small = embed_cells(exported, cells, batch_size=7, precision=precision)
     emb = first.obsm[EMBEDDING_KEY]
+    assert first.uns[UNS_KEY]["precision"] == precision
     assert np.array_equal(again.obsm[EMBEDDING_KEY], emb)
-    np.testing.assert_allclose(small.obsm[EMBEDDING_KEY], emb, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(small.obsm[EMBEDDING_KEY], emb, rtol=0, atol=atol)
     for c in TRAINED:
         np.testing.assert_allclose(small.obs[f"predicted_{c}_score"],
-                                   first.obs[f"predicted_{c}_score"], rtol=0, atol=1e-5)
+                                   first.obs[f"predicted_{c}_score"], rtol=0, atol=atol)
+    if precision == "bf16":  # against fp32: the same embedding up to bf16 rounding
+        fp32 = embed_cells(exported, cells, batch_size=64, precision="fp32").obsm[EMBEDDING_KEY]
+        cosine = (fp32 * emb).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(emb, axis=1)
+        assert cosine.min() > 0.999
+        auto = embed_cells(exported, cells, batch_size=64, precision="auto")
+        assert auto.uns[UNS_KEY]["precision"] == ("bf16" if native_bf16("cpu") else "fp32")
+        with pytest.raises(ValueError, match="precision 'fp16': one of auto, bf16, fp32"):
+            embed_cells(exported, cells, precision="fp16")
 
 
 def test_csc_file_embeds_as_its_csr_copy(model_file, cells, tmp_path):

@@ -17,9 +17,9 @@ def _env(repo: Path) -> dict:
 
 
 def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
-    """Interpreter kernels against float64, repeated backward, DeepSet correctness, and a
-    one-process trainer (gloo) with evaluation, checkpoint, kill and resume: the resumed losses
-    equal the uninterrupted run's."""
+    """Interpreter kernels against float64, repeated backward, DeepSet correctness, a
+    one-process trainer (gloo) with evaluation, checkpoint, kill and resume (the resumed losses
+    equal the uninterrupted run's), and its model embedding real cells in fp32 and bf16."""
     out = tmp_path / "check"
     run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(out)],
                          cwd=repo_root, env=_env(repo_root), capture_output=True, text=True,
@@ -46,6 +46,10 @@ def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
     assert resume["resumed_from_step"] == 2 and resume["steps_compared"] == 4
     assert resume["losses_match_bitwise"] and resume["eval_losses_match"]
     assert "### Trainer: tiny" in run.stdout and "Verdict: PASS" in run.stdout
+    embed = result["embed"]  # the trained model, exported, embeds real cells in both precisions
+    assert embed["cells"] == 300 and embed["context"] == 256
+    assert embed["fp32_cells_per_s"] > 0 and embed["bf16_cells_per_s"] > 0
+    assert embed["cos_min"] > 0.999 and embed["same_type"] > 0.9
     # the same figures as markdown beside the JSON, and again from the JSON alone (a run stopped
     # by a time limit keeps its JSON but never reaches its report)
     md = (out / "gpu_check.md").read_text()

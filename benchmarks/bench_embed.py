@@ -1,0 +1,116 @@
+"""pretrain.embed in bf16 against fp32: cells/s and how far the embeddings move.
+
+    python benchmarks/bench_embed.py [--model out/demo/seed0/model.pt]
+        [--data data/human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad]
+        [--preset small --preset-cells 256 --preset-context 3200] [--repeats 2]
+
+Two models: the given model file at its training context on every cell of the file, and an
+untrained model of ``--preset`` with the same vocabularies at ``--preset-context`` genes on the
+file's first ``--preset-cells`` cells (the width and depth a pretraining run uses; its speed does
+not depend on its weights). Each is embedded with ``precision="fp32"`` and ``"bf16"`` (autocast)
+in turn, ``--repeats`` times, in one process; the best time of each is kept. The samples alone
+(reading, neighbour graph, batches; no model) are timed too, so the forward's share shows. Then
+the bf16 embedding against the fp32 one: cosine per cell, the largest absolute difference, and
+how many cells keep their predicted cell type and their 15 nearest neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.device_peaks import native_bf16  # noqa: E402
+from pretrain.embed import EMBEDDING_KEY, embed_cells, iter_batches  # noqa: E402
+from pretrain.export import load_model_file, write_model_file  # noqa: E402
+from pretrain.label_transfer import nearest_reference  # noqa: E402
+from pretrain.model import ModelConfig, ScPrintModel  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def untrained(trained: Path, preset: str, context: int, out: Path) -> Path:
+    """A model file of ``preset`` with ``trained``'s vocabularies, at ``context`` genes."""
+    exported = load_model_file(trained)
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset)
+    model = ScPrintModel(cfg, exported.vocab.n_ids, {c: len(v) for c, v in
+                                                     exported.labels.items()})
+    return write_model_file(out, model.state_dict(), cfg, exported.vocab, exported.labels,
+                            context, graph_config=exported.graph_config)
+
+
+def compare(model: Path, data: Path, repeats: int, device: str | torch.device = "cpu") -> dict:
+    """``model`` on ``data``, fp32 and bf16 in turn on ``device`` (best of ``repeats``), the
+    samples alone, and bf16's embedding against fp32's."""
+    exported = load_model_file(model)
+    best, results = {}, {}
+    start = time.perf_counter()
+    n = sum(len(rows) for rows, _ in iter_batches(exported, data))
+    samples_s = time.perf_counter() - start
+    for _ in range(repeats):
+        for precision in ("fp32", "bf16"):
+            start = time.perf_counter()
+            results[precision] = embed_cells(exported, data, precision=precision, device=device)
+            seconds = time.perf_counter() - start
+            best[precision] = min(best.get(precision, seconds), seconds)
+    a, b = (results[p].obsm[EMBEDDING_KEY] for p in ("fp32", "bf16"))
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    k = min(15, n - 1)
+    nbr_a = nearest_reference(a, a, k + 1, "exact")
+    nbr_b = nearest_reference(b, b, k + 1, "exact")
+    kept = np.mean([len(set(x) & set(y)) / (k + 1) for x, y in zip(nbr_a, nbr_b)])
+    same_type = np.mean(np.asarray(results["fp32"].obs["predicted_cell_type"]).astype(str)
+                        == np.asarray(results["bf16"].obs["predicted_cell_type"]).astype(str))
+    return {"name": f"{exported.config.d_model}-wide, {exported.config.n_layers} layers",
+            "cells": n, "context": exported.train_context, "samples_s": samples_s, **best,
+            "fp32_cells_per_s": n / best["fp32"], "bf16_cells_per_s": n / best["bf16"],
+            "cos_min": float(cosine.min()), "cos_median": float(np.median(cosine)),
+            "max_abs": float(np.abs(a - b).max()), "same_type": float(same_type),
+            "kept_neighbours": float(kept)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(REPO / "out/demo/seed0/model.pt"),
+                    help="an exported model (default: make demo's)")
+    ap.add_argument("--data", default=str(
+        REPO / "data/human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"))
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset-cells", type=int, default=256)
+    ap.add_argument("--preset-context", type=int, default=3200)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"threads; bf16 native: {native_bf16('cpu')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = Path(tmp) / "subset.h5ad"
+        anndata.read_h5ad(args.data)[:args.preset_cells].copy().write_h5ad(subset)
+        preset = untrained(Path(args.model), args.preset, args.preset_context,
+                           Path(tmp) / "preset.pt")
+        rows = [compare(Path(args.model), Path(args.data), args.repeats),
+                compare(preset, subset, args.repeats)]
+    print("\n| model | cells | context | samples alone | fp32 | bf16 | bf16 / fp32 speed | "
+          "forward only: bf16 / fp32 | cosine min / median | max abs difference | "
+          "same predicted type | same 15 neighbours |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        fwd = (r["fp32"] - r["samples_s"]) / (r["bf16"] - r["samples_s"])
+        print(f"| {r['name']} | {r['cells']:,} | {r['context']:,} | {r['samples_s']:.1f} s | "
+              f"{r['fp32']:.1f} s ({r['cells'] / r['fp32']:,.0f}/s) | {r['bf16']:.1f} s "
+              f"({r['cells'] / r['bf16']:,.0f}/s) | {r['fp32'] / r['bf16']:.2f}x | {fwd:.2f}x | "
+              f"{r['cos_min']:.5f} / {r['cos_median']:.6f} | {r['max_abs']:.2e} | "
+              f"{r['same_type']:.4f} | {r['kept_neighbours']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
