@@ -79,12 +79,18 @@ def compare(model: Path, data: Path, repeats: int, device: str | torch.device = 
             "kept_neighbours": float(kept)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_and_data(ap: argparse.ArgumentParser) -> None:
+    """--model and --data, as the embedding benchmarks take them: make demo's model and the
+    real PBMC file by default."""
     ap.add_argument("--model", default=str(REPO / "out/demo/seed0/model.pt"),
                     help="an exported model (default: make demo's)")
     ap.add_argument("--data", default=str(
         REPO / "data/human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    model_and_data(ap)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--preset-cells", type=int, default=256)
     ap.add_argument("--preset-context", type=int, default=3200)

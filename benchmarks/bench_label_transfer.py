@@ -32,10 +32,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_embed import model_and_data  # noqa: E402  (benchmarks/)
+
 from pretrain.embed import EMBEDDING_KEY, embed_cells  # noqa: E402
 from pretrain.label_transfer import DEFAULT_K, nearest_reference, vote  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def derive(emb: np.ndarray, codes: np.ndarray, n: int, rng: np.random.Generator):
@@ -59,10 +59,7 @@ def timed(fn, *args, **kwargs):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(REPO / "out/demo/seed0/model.pt"),
-                    help="an exported model (default: make demo's)")
-    ap.add_argument("--data", default=str(
-        REPO / "data/human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"))
+    model_and_data(ap)
     ap.add_argument("--label", default="cell_type")
     ap.add_argument("--references", type=int, nargs="+", default=[200_000, 1_000_000])
     ap.add_argument("--query", type=int, default=100_000)
