@@ -61,7 +61,10 @@ def search_threads() -> int:
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
+        pass
+    if hasattr(os, "sched_getaffinity"):  # Linux; elsewhere every CPU of the machine
         return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def nearest_reference(reference: np.ndarray, query: np.ndarray, k: int, method: str = "auto",

@@ -37,7 +37,12 @@ from pretrain.embed import (
     open_cells,
 )
 from pretrain.export import export, load_exported, load_model_file, write_model_file
-from pretrain.label_transfer import EXACT_WORK_BELOW, search_method, transfer_labels
+from pretrain.label_transfer import (
+    EXACT_WORK_BELOW,
+    search_method,
+    search_threads,
+    transfer_labels,
+)
 from pretrain.model import ModelConfig, ScPrintModel
 
 SOURCE = "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -283,7 +288,7 @@ def test_transfer_labels_votes_among_the_nearest_reference_cells():
         transfer_labels(reference, labels[:3], query)
 
 
-def test_approximate_search_gives_the_exact_searchs_labels():
+def test_approximate_search_gives_the_exact_searchs_labels(monkeypatch):
     """The NN-descent index (what "auto" picks for atlas-sized searches) votes the labels the
     exact search votes on clustered 32-d cells, and gives the same labels on a rerun."""
     rng = np.random.default_rng(1)
@@ -304,6 +309,10 @@ def test_approximate_search_gives_the_exact_searchs_labels():
     assert search_method(100_000, 200_000, 256, threads=4) == "exact"  # work shared by threads
     assert search_method(1, int(EXACT_WORK_BELOW) // 2, 2, threads=1) == "approximate"
     assert search_method(100_000, 200_000, 256, "exact", threads=1) == "exact"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the threads "auto" counts on: OpenMP's
+    assert search_threads() == 4 and search_method(100_000, 200_000, 256) == "exact"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert search_threads() >= 1
     with pytest.raises(ValueError, match="method 'fast': one of auto, exact, approximate"):
         transfer_labels(reference, labels, query, method="fast")
 
