@@ -459,8 +459,9 @@ def report(result: dict) -> str:
     if isinstance(e, dict):
         out += ["", f"### pretrain.embed: {e['name']}, {e['cells']} cells, context {e['context']}"
                     " (cells/s; samples alone: reading, neighbour graph, batches)", "",
-                table([e], ["samples_s", "fp32_cells_per_s", "bf16_cells_per_s", "cos_min",
-                            "max_abs", "same_type", "kept_neighbours"])]
+                table([e | {"cos_min": f"{e['cos_min']:.6f}"}],  # 4 digits would read 1
+                      ["samples_s", "fp32_cells_per_s", "bf16_cells_per_s", "cos_min", "max_abs",
+                       "same_type", "kept_neighbours"])]
     elif e is not None:
         out += ["", f"pretrain.embed: {e}"]
     out += ["", f"Verdict: {result.get('verdict', 'unfinished')}  "
