@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_quality import PBMC  # noqa: E402  (benchmarks/)
+
 from pretrain.device_peaks import native_bf16  # noqa: E402
 from pretrain.embed import EMBEDDING_KEY, embed_cells, iter_batches  # noqa: E402
 from pretrain.export import load_model_file, write_model_file  # noqa: E402
@@ -84,8 +86,7 @@ def model_and_data(ap: argparse.ArgumentParser) -> None:
     real PBMC file by default."""
     ap.add_argument("--model", default=str(REPO / "out/demo/seed0/model.pt"),
                     help="an exported model (default: make demo's)")
-    ap.add_argument("--data", default=str(
-        REPO / "data/human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"))
+    ap.add_argument("--data", default=str(PBMC))
 
 
 def main() -> None:

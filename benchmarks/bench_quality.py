@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pretrain.embed import PRECISIONS  # noqa: E402
 from utils import atomic  # noqa: E402
 
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
                    "(its row for the PBMC file, if any, is left out)")
     p.add_argument("--held-out", default="", help="(b): an .h5ad never trained on")
     p.add_argument("--held-out-label", default="", help="(b): its obs column of cell types")
-    p.add_argument("--embed-precision", default="auto", choices=("auto", "bf16", "fp32"),
+    p.add_argument("--embed-precision", default="auto", choices=PRECISIONS,
                    help="pretrain.embed's forward precision (auto: bf16 where native)")
     p.add_argument("--doc", default="", help="write the table and picture here (markdown)")
     args = p.parse_args(argv)

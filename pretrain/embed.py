@@ -43,7 +43,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,20 +319,17 @@ def embed_anndata(
     becomes an AnnData of its own, as anndata makes it when a view is written to), or on a copy
     with ``copy=True``; with ``out_path`` it is left as it is.
     """
-    if not isinstance(adata, anndata.AnnData):
+    given_anndata = isinstance(adata, anndata.AnnData)
+    with _as_file(adata) if given_anndata else nullcontext(Path(adata)) as path:
         if out_path is not None:
-            _check_output(adata, out_path)
-        ann = embed_cells(model_file, adata, **options)
-        if out_path is not None:
-            write_annotated_copy(adata, out_path, ann)
-            return anndata.read_h5ad(out_path, backed="r")
-        return _annotated(anndata.read_h5ad(adata), ann)
-    with _as_file(adata) as path:
+            _check_output(path, out_path)
         ann = embed_cells(model_file, path, **options)
         if out_path is not None:
             write_annotated_copy(path, out_path, ann)
             return anndata.read_h5ad(out_path, backed="r")
-    if copy:
+    if not given_anndata:
+        adata = anndata.read_h5ad(adata)
+    elif copy:
         adata = adata.to_memory() if adata.isbacked else adata.copy()
     return _annotated(adata, ann)
 
@@ -376,18 +373,18 @@ def transfer_from(reference: str | Path, column: str, ann: Annotations, exported
         raise ValueError(f"{reference}: no obs column {column!r} (columns: "
                          f"{', '.join(map(str, ref.obs.columns)) or 'none'})")
     labels = ref.obs[column].to_numpy()
+    n_labelled = int(labelled(labels).sum())
     query = ann.uns[UNS_KEY]
     emb, source = stored_embedding(ref, query, options.get("organism") is not None), "stored"
     if emb is None:
         emb, source = embed_cells(exported, reference, **options).obsm[EMBEDDING_KEY], "computed"
-    method = search_method(len(ann.obsm[EMBEDDING_KEY]), int(labelled(labels).sum()),
-                           emb.shape[1], method)
+    method = search_method(len(ann.obsm[EMBEDDING_KEY]), n_labelled, emb.shape[1], method)
     transferred, score = transfer_labels(emb, labels, ann.obsm[EMBEDDING_KEY], k, method,
                                          seed=int(query["seed"]))
     summary = {**query, "label_transfer": {
         "reference": Path(reference).name, "column": column, "k": k,
         "n_reference_cells": int(len(labels)),
-        "n_reference_labelled": int(labelled(labels).sum()),
+        "n_reference_labelled": n_labelled,
         "reference_embedding": source,
         "search": method}}
     return Annotations(obs={**ann.obs, f"transferred_{column}": transferred,
@@ -412,7 +409,7 @@ def stored_embedding(adata: anndata.AnnData, query_summary: dict,
         return None
     keys = SAME_EMBEDDING + (("organism",) if named_organism else ())
     same = all(str(stored.get(key)) == str(query_summary[key]) for key in keys)
-    if not same or emb.shape[0] != adata.n_obs or int(stored.get("n_cells", -1)) != adata.n_obs:
+    if not same or int(stored.get("n_cells", -1)) != adata.n_obs:  # cells added or dropped
         return None
     return np.asarray(emb, dtype=np.float32)
 
