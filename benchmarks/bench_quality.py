@@ -21,7 +21,8 @@ and interferon-stimulated cells of the same donors):
    on the embedding, and denoising (Pearson of log2(1 + count) on the counts the training
    corruption drops). Baselines, each in this run: the majority class; logistic regression on
    log-normalised counts; kNN (k = 15) on 50 PCs of log-normalised counts (PCA fitted on the
-   training cells); the same model at random initialisation (head, embedding probe, denoising);
+   training cells); for (b) both of these again on only the dataset's genes the model reads;
+   the same model at random initialisation (head, embedding probe, denoising);
    for denoising, the library-size mean (each gene's share of the training cells' counts) and
    the neighbour average. Every denoising predictor is scaled to the same total (the cell's
    counts over its context genes, as the model's ZINB mean is).
@@ -276,7 +277,8 @@ READING = """## How to read it
   moves many genes, so this is a shift, not a random split.
 - (b), when given: a dataset the model never saw; every probe and baseline is fitted and
   scored by 5-fold cross-validation within it (the model's head only where its cell types are
-  ones the head knows).
+  ones the head knows). Rows naming "the model's N of M genes" give the baselines only the
+  genes the model reads of that dataset (those in its vocabulary); the others use all M.
 - "head" is `obs["predicted_cell_type"]`; "kNN probe" is a 15-NN classifier on
   `obsm["X_scpretrain"]`, the general cell token; "random init" is the same architecture,
   vocabularies and embedding path with untrained weights.
@@ -345,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
                                  seed=0).items():
             recon.setdefault(name, []).append(r)
         if held is not None:
+            if seed == args.seeds[0]:  # every seed's model reads the same genes
+                held_out_model_gene_baselines(scores, held, models["model"])
             held_out_models(scores, held, models, args.embed_precision)
 
     table = format_table(scores, recon)
@@ -432,6 +436,22 @@ def held_out_baselines(scores: Scores, held: HeldOut) -> None:
                         ("logistic regression, log-normalised counts", logreg_predict)]:
         scores.add(held.setting, method, _cross_validated(held, fit, held.x),
                    held.y[held.keep])
+
+
+def held_out_model_gene_baselines(scores: Scores, held: HeldOut, model) -> None:
+    """(b)'s kNN on PCA-50 and logistic regression again, on only the genes ``model`` reads
+    of the dataset (its vocabulary's genes, matched as ``pretrain.embed`` matches them): what
+    the baselines make of the information the model is given. A new dataset shares only part
+    of its genes with the training data; the all-gene baselines use the rest too."""
+    from pretrain.embed import open_cells
+
+    with open_cells(model, held.path) as cells:  # every cell, in the file's order
+        known = cells.col2gid >= 0
+        x = log_normalised(cells.counts[:, known])
+    genes = f"the model's {known.sum():,} of {known.size:,} genes"
+    for method, fit in [(f"kNN on PCA-50, {genes}", pca_knn_predict),
+                        (f"logistic regression, {genes}", logreg_predict)]:
+        scores.add(held.setting, method, _cross_validated(held, fit, x), held.y[held.keep])
 
 
 def held_out_models(scores: Scores, held: HeldOut, models: dict, precision: str) -> None:

@@ -18,15 +18,18 @@ On a GPU (about 6 minutes on one H100/H200):
   every 15). Criss-cross with ``--deterministic``:
   an uninterrupted run, and a run killed (SIGTERM to its process group) after its mid-run
   checkpoint and then resumed, whose losses must equal the uninterrupted run's; full attention
-  in its default mode. Throughput (cells/s, tokens/s, TFLOP/s, MFU against
-  pretrain/device_peaks.py) is the median over the steps after the first three;
+  in its default mode; all in bf16-mixed (the default on a GPU), and criss-cross once more in
+  DeepSpeed's bf16 mode (bf16 weights) for its speed and memory. Throughput (cells/s,
+  tokens/s, TFLOP/s, MFU against pretrain/device_peaks.py) is the median over the steps after
+  the first three;
 - kernel speed at N = 1,024 and 3,200 (benchmarks/bench_kernels.py: Triton criss-cross, SDPA
   reference, compiled FlexAttention, SDPA flash full attention, flash-attn if installed);
 - the DeepSet encoder fused vs reference vs compiled reference, with peak memory;
 - ``pretrain.embed`` with the uninterrupted criss-cross run's model, exported, on the real PBMC
   file (2,800 cells) on the GPU in fp32 and in bf16 (benchmarks/bench_embed.py): cells/s of each
-  and of the samples alone (CPU work: reading, neighbour graph, batches), and how far bf16 moves
-  the embeddings.
+  and of the samples alone (CPU work: reading, neighbour graph, batches; in one process and
+  with the sample-making workers pretrain.embed gives a GPU), and how far bf16 moves the
+  embeddings.
 Parts run in that order of importance; one that would start past ``--budget-s`` is skipped and
 says so in the JSON.
 
@@ -76,7 +79,7 @@ def settings(cpu: bool) -> dict:
             dtypes=(torch.float32, torch.bfloat16),
             shards=["--context-genes", "256", "--stream-size", "600", "--shard-samples", "150"],
             train=dict(model="tiny", context=256, batch=4, steps=4, every=2, eval_batches=1,
-                       precision="fp32", full_steps=2),
+                       precision="fp32", full_steps=2, other_precision=None),
             embed_cells=300,
         )
     return dict(
@@ -84,7 +87,7 @@ def settings(cpu: bool) -> dict:
         dtypes=(torch.float32, torch.bfloat16),
         shards=["--context-genes", "3200", "--stream-size", "1500", "--shard-samples", "300"],
         train=dict(model="small", context=3200, batch=30, steps=30, every=15, eval_batches=4,
-                   precision="bf16", full_steps=30),
+                   precision="bf16-mixed", full_steps=30, other_precision="bf16"),
         embed_cells=None,  # all 2,800
     )
 
@@ -227,7 +230,7 @@ def _train_env(cpu: bool) -> dict:
 
 
 def train_command(t: dict, shards: Path, run: Path, attention: str, deterministic: bool,
-                  steps: int) -> list[str]:
+                  steps: int, precision: str) -> list[str]:
     """One `deepspeed` launch on one device (the launcher's module: its script may be absent
     where DeepSpeed was installed from a wheel into a target folder)."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
@@ -237,7 +240,7 @@ def train_command(t: dict, shards: Path, run: Path, attention: str, deterministi
            "--context", str(t["context"]), "--batch-size", str(t["batch"]),
            "--max-steps", str(steps), "--schedule-steps", str(t["steps"]),
            "--eval-every", str(t["every"]), "--ckpt-every", str(t["every"]),
-           "--eval-batches", str(t["eval_batches"]), "--precision", t["precision"],
+           "--eval-batches", str(t["eval_batches"]), "--precision", precision,
            "--keep-ckpts", "2"]
     return cmd + (["--deterministic"] if deterministic else [])
 
@@ -301,18 +304,24 @@ def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float) -> 
                     "backend": "gloo" if cpu else "nccl", "runs": {}}
     half = t["every"]
     work.mkdir(parents=True, exist_ok=True)
-    plans = [  # name, attention, deterministic, steps, stop after the mid-run checkpoint
-        ("criss_cross", "criss_cross", True, t["steps"], None),
-        ("criss_cross_killed", "criss_cross", True, t["steps"], f"[train] checkpoint step {half}"),
-        ("criss_cross_resumed", "criss_cross", True, t["steps"], None),
-        ("full", "full", False, t["full_steps"], None),
+    main = t["precision"]
+    plans = [  # name, attention, deterministic, steps, precision, stop after the mid-run ckpt
+        ("criss_cross", "criss_cross", True, t["steps"], main, None),
+        ("criss_cross_killed", "criss_cross", True, t["steps"], main,
+         f"[train] checkpoint step {half}"),
+        ("criss_cross_resumed", "criss_cross", True, t["steps"], main, None),
+        ("full", "full", False, t["full_steps"], main, None),
     ]
-    for name, attention, deterministic, steps, stop in plans:
+    if t["other_precision"]:  # what the other bf16 mode costs or saves, same settings
+        plans.append((f"criss_cross_{t['other_precision']}", "criss_cross", False,
+                      t["full_steps"], t["other_precision"], None))
+    for name, attention, deterministic, steps, precision, stop in plans:
         if time.time() > deadline:
             result["runs"][name] = {"skipped": "time budget spent"}
             continue
-        run = work / ("criss_cross_resume" if name.startswith("criss_cross_") else name)
-        cmd = train_command(t, shards, run, attention, deterministic, steps)
+        resume = name in ("criss_cross_killed", "criss_cross_resumed")  # one run folder
+        run = work / ("criss_cross_resume" if resume else name)
+        cmd = train_command(t, shards, run, attention, deterministic, steps, precision)
         info = launch(cmd, work / f"{name}.log", cpu, stop_after=stop)
         if name == "criss_cross_killed":
             last = sorted(p.name for p in (run / "checkpoints").glob("step*"))
@@ -322,7 +331,8 @@ def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float) -> 
         if name == "criss_cross_resumed":
             info["resumed_from_step"] = half if f"resumed from step {half}" in (
                 work / f"{name}.log").read_text() else None
-        result["runs"][name] = info | {"attention": attention, "deterministic": deterministic}
+        result["runs"][name] = info | {"attention": attention, "deterministic": deterministic,
+                                       "precision": precision}
         result["runs"][name] |= throughput(scalars(run))
     reference, resumed = work / "criss_cross", work / "criss_cross_resume"
     if (resumed / "tb").is_dir() and (reference / "tb").is_dir():
@@ -450,18 +460,19 @@ def report(result: dict) -> str:
                     f"{t['batch_per_rank']}, {t['precision']}, ZeRO-{t['zero_stage']}, "
                     f"{t['backend']}, {t['steps']} steps", ""]
         rows = [{"run": n, **r} for n, r in t["runs"].items()]
-        out += [table(rows, ["run", "seconds", "cells_per_s", "tokens_per_s", "tflops_per_s",
-                             "mfu", "cuda_max_gib", "final_loss", "skipped"]), "",
+        out += [table(rows, ["run", "precision", "seconds", "cells_per_s", "tokens_per_s",
+                             "tflops_per_s", "mfu", "cuda_max_gib", "final_loss", "skipped"]), "",
                 f"Resume: {t.get('resume')}"]
     elif t is not None:
         out += ["", f"Trainer: {t}"]
     e = result.get("embed")
     if isinstance(e, dict):
         out += ["", f"### pretrain.embed: {e['name']}, {e['cells']} cells, context {e['context']}"
-                    " (cells/s; samples alone: reading, neighbour graph, batches)", "",
+                    " (cells/s; samples alone: reading, neighbour graph, batches, in one process"
+                    " and with the workers pretrain.embed gives the device)", "",
                 table([e | {"cos_min": f"{e['cos_min']:.6f}"}],  # 4 digits would read 1
-                      ["samples_s", "fp32_cells_per_s", "bf16_cells_per_s", "cos_min", "max_abs",
-                       "same_type", "kept_neighbours"])]
+                      ["samples_s", "workers", "samples_workers_s", "fp32_cells_per_s",
+                       "bf16_cells_per_s", "cos_min", "max_abs", "same_type", "kept_neighbours"])]
     elif e is not None:
         out += ["", f"pretrain.embed: {e}"]
     out += ["", f"Verdict: {result.get('verdict', 'unfinished')}  "

@@ -91,8 +91,10 @@ class TrainConfig:
         "help": f"preset: {', '.join(PRESETS)} (architecture and optimisation recipe)"})
     max_steps: int = field(default=1000, metadata={"help": "stop after this optimizer step"})
     precision: str = field(default="auto", metadata={
-        "help": "auto (the JSON decides; 'auto' there means bf16 where the device has native "
-                "bf16 matmuls: GPUs, AVX-512/AMX CPUs; else fp32), bf16 or fp32"})
+        "help": "auto (the JSON decides; 'auto' there means bf16-mixed where the device has "
+                "native bf16 matmuls: GPUs, AVX-512/AMX CPUs; else fp32), bf16-mixed (fp32 "
+                "weights, bf16 matmuls under autocast), bf16 (DeepSpeed's: bf16 weights and "
+                "activations) or fp32"})
     seed: int = field(default=0, metadata={
         "help": "seed of the initial weights and (unless --data.seed) the data stream"})
     deterministic: bool = field(default=False, metadata={
@@ -207,6 +209,6 @@ def parse_train_config(argv: list[str] | None = None) -> RunConfig:
         p.error(str(e))
     if not cfg.train.shards or not cfg.train.out:
         p.error("--shards and --out are required")
-    if cfg.train.precision not in ("auto", "bf16", "fp32"):
-        p.error(f"--precision {cfg.train.precision!r}: expected auto, bf16 or fp32")
+    if cfg.train.precision not in ("auto", "bf16", "bf16-mixed", "fp32"):
+        p.error(f"--precision {cfg.train.precision!r}: expected auto, bf16, bf16-mixed or fp32")
     return cfg

@@ -2,7 +2,7 @@
 
     python -m pretrain.embed MODEL IN.h5ad --out OUT.h5ad [--organism NAME|NCBITaxon:N]
         [--batch-size N] [--device cpu|cuda] [--neighbours K] [--context N] [--seed S]
-        [--precision auto|bf16|fp32]
+        [--precision auto|bf16|fp32] [--workers N]
         [--reference REF.h5ad --reference-label COLUMN [--transfer-k 15]
          [--transfer-search auto|exact|approximate]]
 
@@ -54,6 +54,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata.io import write_elem
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data_prep.genes import SymbolMap
@@ -69,12 +70,13 @@ from data_prep.shard_format import (
     Organism,
     encode_parts,
 )
-from pretrain.batches import BatchBuilder, record
+from pretrain.batches import BatchBuilder, Item, record
 from pretrain.data import DataConfig
 from pretrain.device_peaks import native_bf16
 from pretrain.export import ExportedModel, load_model_file
 from pretrain.label_transfer import DEFAULT_K, METHODS, labelled, search_method, transfer_labels
 from utils import atomic
+from utils.cpus import usable_cpus
 
 EMBEDDING_KEY = "X_scpretrain"
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -96,19 +98,31 @@ class CellInput:
     """One .h5ad's cells as the model sees them: validated counts, the file's genes matched to
     the model's vocabulary, and each cell's neighbours among the file's cells."""
 
-    def __init__(self, path: Path, organism: Organism, counts_source: str, counts: sp.csr_matrix,
-                 total: np.ndarray, col2gid: np.ndarray, nbr_idx: np.ndarray,
+    def __init__(self, path: Path, organism: Organism, counts_source: str, counts_dir: Path,
+                 shape: tuple[int, int], col2gid: np.ndarray, nbr_idx: np.ndarray,
                  nbr_dist: np.ndarray, graph: GraphConfig):
         self.path, self.organism, self.counts_source = path, organism, counts_source
-        self.counts = counts  # float32 [n_cells, n_file_genes], all genes
-        self.total = total  # float32 [n_cells] library size over all genes
+        self.counts_dir, self.shape = counts_dir, shape
+        # float32 [n_cells, n_file_genes] (all genes) and [n_cells] (library size over them)
+        self.counts, self.total = mapped_counts(counts_dir, shape)
         self.col2gid = col2gid  # int64 [n_file_genes]: global gene id, -1 = unknown to the model
         self.nbr_idx, self.nbr_dist = nbr_idx, nbr_dist  # [n_cells, k]: -1 / inf = missing
         known = col2gid >= 0
         self.compact = np.full(col2gid.shape[0], -1, dtype=np.int64)  # file column -> known col
         self.compact[known] = np.arange(int(known.sum()))
         self.genes = GeneOrder(col2gid[known])
-        self.known_total = row_totals(counts, graph, known)  # per cell counts on known genes
+        self.known_total = row_totals(self.counts, graph, known)  # per cell counts on known genes
+
+    def __getstate__(self) -> dict:
+        """Pickled (for a DataLoader worker started by spawn or forkserver) with the folder of
+        its counts, which the worker maps again, not with their bytes."""
+        state = dict(self.__dict__)
+        del state["counts"], state["total"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.counts, self.total = mapped_counts(self.counts_dir, self.shape)
 
     @property
     def n_cells(self) -> int:
@@ -155,15 +169,24 @@ class CellInput:
             nnz=int(self.counts.indptr[row + 1] - self.counts.indptr[row]), pseudo_label=UNKNOWN,
             total_count=float(self.total[row]), weight=1.0)
 
-    def batches(self, cfg: DataConfig) -> Iterator[tuple[np.ndarray, dict]]:
-        """(rows, model batch) over all cells in order, ``cfg.batch_size`` at a time. Batch
-        ``b``'s loader randomness (none under ``inference_config``) is keyed by (seed, b)."""
+    def batches(self, cfg: DataConfig, workers: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+        """(rows, model batch) over all cells in order, ``cfg.batch_size`` at a time. The
+        samples (``records``, the costly part) are made in ``workers`` DataLoader processes
+        (0: in this one) while the caller runs the model; the batch kernel runs here, so a
+        worker sends a batch's compact records, not its ~20x larger tensors. Batch ``b``'s
+        loader randomness (none under ``inference_config``) is keyed by (seed, b)."""
+        loader = DataLoader(_InputRecords(self, cfg), batch_size=None, num_workers=workers,
+                            collate_fn=_as_made)
         build = BatchBuilder(cfg)
-        for b, start in enumerate(range(0, self.n_cells, cfg.batch_size)):
-            rows = np.arange(start, min(self.n_cells, start + cfg.batch_size))
-            items = [(int(r), record(*encode_parts(self.sample(int(r), cfg.context, cfg.seed))))
-                     for r in rows]
+        for b, (rows, items) in enumerate(loader):
             yield rows, build(items, np.random.default_rng([cfg.seed, b]))
+
+    def records(self, cfg: DataConfig, b: int) -> tuple[np.ndarray, list[Item]]:
+        """Batch ``b``'s rows [b * batch_size, (b + 1) * batch_size) and their samples, as the
+        shard stream hands samples to the batch kernel."""
+        rows = np.arange(b * cfg.batch_size, min(self.n_cells, (b + 1) * cfg.batch_size))
+        return rows, [(int(r), record(*encode_parts(self.sample(int(r), cfg.context, cfg.seed))))
+                      for r in rows]
 
     def _known_row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """A cell's columns among the known genes (GeneOrder's numbering) and their counts."""
@@ -171,6 +194,43 @@ class CellInput:
         cols = self.compact[self.counts.indices[a:b]]
         known = cols >= 0
         return cols[known], self.counts.data[a:b][known]
+
+
+class _InputRecords(IterableDataset):
+    """A CellInput's batches of samples for a DataLoader: worker ``w`` of ``W`` makes batches
+    w, w + W, ..., which the DataLoader hands out round-robin from worker 0, i.e. in order."""
+
+    def __init__(self, cells: CellInput, cfg: DataConfig) -> None:
+        self.cells, self.cfg = cells, cfg
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[Item]]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        n_batches = -(-self.cells.n_cells // self.cfg.batch_size)
+        for b in range(worker, n_batches, workers):
+            yield self.cells.records(self.cfg, b)
+
+
+def _as_made(batch):
+    """The DataLoader's collate step: none (rows and records travel as they are)."""
+    return batch
+
+
+def default_workers(device: torch.device) -> int:
+    """Sample-making processes beside the model: none on a CPU, whose cores run the forward;
+    beside a GPU, up to 4 of the CPUs this process may use, one left to drive the GPU."""
+    return 0 if device.type == "cpu" else max(0, min(4, usable_cpus() - 1))
+
+
+def mapped_counts(counts_dir: Path, shape: tuple[int, int]) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The CSR counts and library sizes ``open_counts`` streamed to ``counts_dir``, mapped."""
+    # plain ndarray views of the maps: np.memmap's slicing costs ~10 us a row
+    arrays = {k: np.asarray(np.load(counts_dir / f"{k}.npy", mmap_mode="r"))
+              for k in ("indptr", "indices", "data", "total")}
+    counts = sp.csr_matrix(shape, dtype=np.float32)
+    # the memory-mapped buffers as they are: the constructor would copy or upcast them
+    counts.data, counts.indices, counts.indptr = arrays["data"], arrays["indices"], arrays["indptr"]
+    return counts, arrays["total"]
 
 
 @contextmanager
@@ -190,16 +250,10 @@ def open_cells(exported: ExportedModel, adata_path: str | Path, organism: str | 
             with tqdm(total=counts_file.shape[0], desc="read counts", unit="cell",
                       disable=not progress) as bar:
                 counts_file.stream(tmp, bar.update)
-        # plain ndarray views of the maps: np.memmap's slicing costs ~10 us a row
-        arrays = {k: np.asarray(np.load(tmp / f"{k}.npy", mmap_mode="r"))
-                  for k in ("indptr", "indices", "data", "total")}
-        counts = sp.csr_matrix(counts_file.shape, dtype=np.float32)
-        # the memory-mapped buffers as they are: the constructor would copy or upcast them
-        counts.data, counts.indices, counts.indptr = (arrays["data"], arrays["indices"],
-                                                      arrays["indptr"])
+        counts, _ = mapped_counts(tmp, counts_file.shape)
         graph = GraphConfig(**exported.graph_config)
         nb = find_neighbours(counts, neighbours, graph, seed)
-        yield CellInput(path, counts_file.organism, counts_file.source, counts, arrays["total"],
+        yield CellInput(path, counts_file.organism, counts_file.source, tmp, counts_file.shape,
                         col2gid, nb.idx, nb.dist, graph)
 
 
@@ -228,17 +282,19 @@ def iter_batches(
     context: int | None = None,
     seed: int = 0,
     data_config: DataConfig | None = None,
+    workers: int = 0,
 ) -> Iterator[tuple[np.ndarray, dict]]:
     """(obs rows, model batch) for every cell of ``adata_path``, in order, for a caller that runs
-    the model itself. ``data_config`` replaces ``inference_config(context, neighbours,
-    batch_size, seed)``, e.g. with ``mask_scale > 0`` to corrupt the inputs for a denoising
-    score (its context, batch size and seed are then the ones used)."""
+    the model itself, built in ``workers`` processes (0: in this one). ``data_config`` replaces
+    ``inference_config(context, neighbours, batch_size, seed)``, e.g. with ``mask_scale > 0`` to
+    corrupt the inputs for a denoising score (its context, batch size and seed are then the
+    ones used)."""
     exported = _exported(model_file)
     if data_config is None:
         data_config = inference_config(
             exported.train_context if context is None else context, neighbours, batch_size, seed)
     with open_cells(exported, adata_path, organism, neighbours, data_config.seed) as cells:
-        yield from cells.batches(data_config)
+        yield from cells.batches(data_config, workers)
 
 
 @dataclass
@@ -261,6 +317,7 @@ def embed_cells(
     context: int | None = None,
     seed: int = 0,
     precision: str = "auto",
+    workers: int | None = None,
     progress: bool = False,
 ) -> Annotations:
     """The cell embeddings, predicted labels and summary of every cell of ``adata_path``.
@@ -268,12 +325,17 @@ def embed_cells(
     ``context`` defaults to the model's training context. The model is moved to ``device``.
     ``precision``: "bf16" runs the forward under bf16 autocast (the weights stay fp32), "fp32"
     without; "auto" is bf16 where the device multiplies bf16 natively (as in training).
+    ``workers``: processes that make the cells' samples while the model runs (default
+    ``default_workers(device)``); they change the speed, not the results.
     """
     exported = _exported(model_file)
     context = exported.train_context if context is None else context
     cfg = inference_config(context, neighbours, batch_size, seed)
     device = _device(device)
     precision = _precision(precision, device)
+    workers = default_workers(device) if workers is None else workers
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, not {workers}")
     model = exported.model.to(device).eval()
     with open_cells(exported, adata_path, organism, neighbours, seed, progress) as cells:
         n = cells.n_cells
@@ -281,7 +343,7 @@ def embed_cells(
         codes = {c: np.empty(n, dtype=np.int64) for c in model.class_index}
         scores = {c: np.empty(n, dtype=np.float32) for c in model.class_index}
         with tqdm(total=n, desc="embed", unit="cell", disable=not progress) as bar:
-            for rows, batch in cells.batches(cfg):
+            for rows, batch in cells.batches(cfg, workers):
                 with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
                     out = model.predict({k: v.to(device) for k, v in batch.items()})
                 emb[rows] = out["cell_emb"].cpu().numpy()
@@ -489,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=None,
                         help="genes per cell (default: the model's training context)")
     parser.add_argument("--seed", type=int, default=0, help="PCA/kNN and gene-choice seed")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes making the cells' samples while the model runs "
+                             "(default: 0 on a CPU, up to 4 beside a GPU)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="bf16 (autocast) or fp32 forward; auto: bf16 where the device "
                              "multiplies bf16 natively (GPUs from Ampere, AVX-512/AMX CPUs)")
@@ -511,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         exported = load_model_file(args.model)
         options = dict(organism=args.organism, neighbours=args.neighbours,
                        batch_size=args.batch_size, device=args.device, context=args.context,
-                       seed=args.seed, precision=args.precision, progress=True)
+                       seed=args.seed, precision=args.precision, workers=args.workers,
+                       progress=True)
         ann = embed_cells(exported, args.input, **options)
         if args.reference:
             ann = transfer_from(args.reference, args.reference_label, ann, exported,

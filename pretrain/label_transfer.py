@@ -29,6 +29,8 @@ import os
 import numpy as np
 import pandas as pd
 
+from utils.cpus import usable_cpus
+
 DEFAULT_K = 15
 METHODS = ("auto", "exact", "approximate")
 EXACT_WORK_BELOW = 2e12  # query x reference x dimensions per thread searched exactly by "auto"
@@ -61,10 +63,7 @@ def search_threads() -> int:
     try:
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
-        pass
-    if hasattr(os, "sched_getaffinity"):  # Linux; elsewhere every CPU of the machine
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+        return usable_cpus()
 
 
 def nearest_reference(reference: np.ndarray, query: np.ndarray, k: int, method: str = "auto",

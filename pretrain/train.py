@@ -60,10 +60,16 @@ AUTO_WORKERS_CUDA = 2
 def resolve_ds_config(cfg: RunConfig, path: str | Path, native_bf16: bool) -> dict:
     """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run's config.
 
-    Precision ``"auto"`` is bf16 where the device multiplies bf16 natively (``native_bf16``:
-    Ampere or newer GPUs, CPUs with AVX-512 or AMX; ``device_peaks.native_bf16``) and fp32
-    elsewhere: an AVX2-only CPU emulates bf16 matmuls, and `tiny` trained 5x slower in bf16
-    than in fp32 on one (docs/benchmarks/train.md).
+    Precision ``"auto"`` is bf16-mixed where the device multiplies bf16 natively
+    (``native_bf16``: Ampere or newer GPUs, CPUs with AVX-512 or AMX;
+    ``device_peaks.native_bf16``) and fp32 elsewhere: an AVX2-only CPU emulates bf16 matmuls,
+    and `tiny` trained 5x slower in bf16 than in fp32 on one (docs/benchmarks/train.md).
+    ``"bf16-mixed"`` keeps the weights, gradients and residual stream in fp32 and runs the
+    matmuls in bf16 under torch autocast (DeepSpeed's ``torch_autocast``); ``"bf16"`` is
+    DeepSpeed's bf16 mode (bf16 weights, activations and gradients, fp32 master weights in the
+    optimizer), which cost the demo's held-out accuracy 0.05 against both
+    (docs/benchmarks/quality.md). A JSON that sets ``bf16.enabled`` or ``torch_autocast``
+    itself is followed under ``"auto"``.
     """
     path = Path(path)
     try:
@@ -81,12 +87,17 @@ def resolve_ds_config(cfg: RunConfig, path: str | Path, native_bf16: bool) -> di
     if ds.get("train_batch_size") == "auto":  # DeepSpeed derives it: micro x accum x world
         del ds["train_batch_size"]
     bf16 = ds.setdefault("bf16", {})
-    if cfg.train.precision != "auto":
-        bf16["enabled"] = cfg.train.precision == "bf16"
-    elif bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = native_bf16
+    precision = cfg.train.precision
+    if precision == "auto" and bf16.get("enabled", "auto") == "auto":
+        precision = "bf16-mixed" if native_bf16 else "fp32"
+    if precision != "auto":
+        bf16["enabled"] = precision == "bf16"
+        ds["torch_autocast"] = {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"}
     if ds.get("fp16", {}).get("enabled") is True and bf16["enabled"]:
         raise ValueError(f"{path}: fp16 and bf16 are both enabled")
+    if bf16["enabled"] and ds.get("torch_autocast", {}).get("enabled") is True:
+        raise ValueError(f"{path}: bf16 and torch_autocast are both enabled (bf16-mixed is "
+                         "torch_autocast alone)")
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; keep DeepSpeed quiet
     return ds
 
@@ -313,6 +324,13 @@ def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -
     return hierarchy
 
 
+def bf16_matmuls(ds: dict) -> bool:
+    """Whether the run multiplies in bf16: DeepSpeed's bf16 mode or bf16 autocast."""
+    autocast = ds.get("torch_autocast", {})
+    return ds["bf16"]["enabled"] or (autocast.get("enabled") is True
+                                     and autocast.get("dtype") in ("bfloat16", "bf16"))
+
+
 def run_peak(cfg: TrainConfig, bf16: bool, device: torch.device) -> DevicePeak:
     """The device's peak at the run's matmul precision (bf16, else TF32 or plain fp32 as torch
     is set), or ``--peak-tflops``; MFU is logged only when it is known."""
@@ -408,7 +426,7 @@ class Trainer:
 
             # purge_step drops events a killed run wrote after its last checkpoint
             self.writer = SummaryWriter(str(self.run / "tb"), purge_step=self.step + 1)
-        self.peak = run_peak(cfg, self.ds_config["bf16"]["enabled"], self.device)
+        self.peak = run_peak(cfg, bf16_matmuls(self.ds_config), self.device)
         if self.rank == 0 and not self.peak.flops:
             print(f"[train] no peak FLOP/s known for {self.peak.device}: MFU not logged "
                   "(give --peak-tflops or SCPRETRAIN_PEAK_TFLOPS)", flush=True)

@@ -61,3 +61,38 @@ def test_a_finished_run_is_reused_only_by_the_same_command(bq, tmp_path, monkeyp
     with pytest.raises(SystemExit, match="trained by another command"):
         bq.train(Namespace(**{**vars(args), "steps": 6}), tmp_path / "shards", run, seed=3)
     assert len(calls) == 1
+
+
+def test_held_out_baselines_on_the_models_genes_see_only_the_genes_it_reads(bq, real_data,
+                                                                           tmp_path):
+    """(b)'s baselines restricted to the model's genes: the file's columns the model's
+    vocabulary holds (here its first 2,000 genes), every cell in the file's order."""
+    import anndata
+
+    from data_prep.labels import LabelVocab
+    from data_prep.vocab import GeneVocab
+    from pretrain.export import load_model_file, write_model_file
+    from pretrain.model import ModelConfig, ScPrintModel
+
+    pbmc = anndata.read_h5ad(real_data / bq.PBMC.name)[:200].copy()
+    pbmc.write_h5ad(tmp_path / "cells.h5ad")
+    vocab = GeneVocab()
+    vocab.add("NCBITaxon:9606", list(pbmc.var_names[:2000]))
+    labels = LabelVocab()
+    labels.add("cell_type", sorted(pbmc.obs["cell_type"].astype(str).unique()))
+    cfg = ModelConfig.preset("tiny", kernels="reference")
+    model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels())
+    path = write_model_file(tmp_path / "model.pt", model.state_dict(), cfg, vocab,
+                            labels.class_names(), 64)
+    held = bq.held_out_cells(tmp_path / "cells.h5ad", "cell_type")
+    scores = bq.Scores()
+    bq.held_out_model_gene_baselines(scores, held, load_model_file(path))
+    genes = f"the model's 2,000 of {pbmc.n_vars:,} genes"
+    assert list(scores.rows) == [(held.setting, f"kNN on PCA-50, {genes}"),
+                                 (held.setting, f"logistic regression, {genes}")]
+    x = bq.log_normalised(pbmc.X[:, :2000])
+    truth = held.y[held.keep]
+    expected = bq.accuracy_f1(truth, bq._cross_validated(held, bq.logreg_predict, x))
+    assert scores.rows[(held.setting, f"logistic regression, {genes}")] == [expected]
+    all_genes = bq.accuracy_f1(truth, bq._cross_validated(held, bq.logreg_predict, held.x))
+    assert expected != all_genes  # the other 12,053 genes change the fit

@@ -95,17 +95,34 @@ def test_trainer_options_are_no_prefix_of_torchrun_options():
     assert clashes == {"--local-rank", "--local_rank"}
 
 
-@pytest.mark.parametrize("precision, native, bf16", [
-    ("auto", True, True), ("auto", False, False), ("bf16", False, True), ("fp32", True, False)])
-def test_precision_auto_is_bf16_where_native(repo_root, precision, native, bf16):
-    """``auto`` (the flag's default and the JSON's) picks bf16 where the device multiplies bf16
-    natively and fp32 where it would emulate it (several times slower on an AVX2 CPU); an
-    explicit choice wins on both."""
-    from pretrain.train import resolve_ds_config
+@pytest.mark.parametrize("precision, native, bf16, autocast", [
+    ("auto", True, False, True), ("auto", False, False, False), ("bf16", False, True, False),
+    ("fp32", True, False, False), ("bf16-mixed", True, False, True)])
+def test_precision_auto_is_bf16_where_native(repo_root, precision, native, bf16, autocast):
+    """``auto`` (the flag's default and the JSON's) picks bf16-mixed where the device multiplies
+    bf16 natively and fp32 where it would emulate it (several times slower on an AVX2 CPU); an
+    explicit choice wins on both; bf16-mixed is DeepSpeed's torch autocast without its bf16
+    mode, and the two together are refused."""
+    from pretrain.train import bf16_matmuls, resolve_ds_config
 
     cfg = parse_train_config(["--shards", "S", "--out", "R", "--precision", precision])
     ds = resolve_ds_config(cfg, repo_root / "ds_configs" / "zero2.json", native_bf16=native)
     assert ds["bf16"]["enabled"] is bf16
+    assert ds.get("torch_autocast", {}).get("enabled", False) is autocast
+    assert bf16_matmuls(ds) is (bf16 or autocast)
+
+
+def test_bf16_and_autocast_together_are_refused(repo_root, tmp_path):
+    from pretrain.train import resolve_ds_config
+
+    both = json.loads((repo_root / "ds_configs" / "zero2.json").read_text())
+    both.update(bf16={"enabled": True}, torch_autocast={"enabled": True, "dtype": "bfloat16"})
+    (tmp_path / "both.json").write_text(json.dumps(both))
+    cfg = parse_train_config(["--shards", "S", "--out", "R"])
+    with pytest.raises(ValueError, match="bf16 and torch_autocast are both enabled"):
+        resolve_ds_config(cfg, tmp_path / "both.json", native_bf16=True)
+    with pytest.raises(SystemExit):
+        parse_train_config(["--shards", "S", "--out", "R", "--precision", "fp16"])
 
 
 def test_a_resumed_run_keeps_its_saved_model(tmp_path):

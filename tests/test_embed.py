@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ from pretrain.device_peaks import native_bf16
 from pretrain.embed import (
     EMBEDDING_KEY,
     UNS_KEY,
+    default_workers,
     embed_anndata,
     embed_cells,
+    inference_config,
     iter_batches,
     main,
     open_cells,
@@ -170,6 +173,9 @@ def test_embedding_is_deterministic_and_independent_of_batch_size(model_file, ce
     emb = first.obsm[EMBEDDING_KEY]
     assert first.uns[UNS_KEY]["precision"] == precision
     assert np.array_equal(again.obsm[EMBEDDING_KEY], emb)
+    # batches built by two worker processes (43 batches: worker 0 builds one more), in order
+    workers = embed_cells(exported, cells, batch_size=7, precision=precision, workers=2)
+    assert np.array_equal(workers.obsm[EMBEDDING_KEY], small.obsm[EMBEDDING_KEY])
     np.testing.assert_allclose(small.obsm[EMBEDDING_KEY], emb, rtol=0, atol=atol)
     for c in TRAINED:
         np.testing.assert_allclose(small.obs[f"predicted_{c}_score"],
@@ -182,6 +188,30 @@ def test_embedding_is_deterministic_and_independent_of_batch_size(model_file, ce
         assert auto.uns[UNS_KEY]["precision"] == ("bf16" if native_bf16("cpu") else "fp32")
         with pytest.raises(ValueError, match="precision 'fp16': one of auto, bf16, fp32"):
             embed_cells(exported, cells, precision="fp16")
+
+
+def test_cells_pickle_by_their_counts_folder_and_workers_default_to_spare_cpus(
+        model_file, cells, monkeypatch):
+    """A worker started by spawn gets the cells by unpickling: the counts are mapped again
+    from their folder, not sent; it makes the same samples."""
+    exported = load_model_file(model_file[0])
+    cfg = inference_config(CONTEXT, 6, batch_size=16)
+    with open_cells(exported, cells) as opened:
+        data = pickle.dumps(opened)
+        assert len(data) < opened.counts.data.nbytes  # the counts are not in it
+        copy = pickle.loads(data)
+        assert not copy.counts.data.flags.owndata  # mapped, not read in
+        for b in (0, 18):  # the first and the last, short, batch
+            (rows, mine), (their_rows, theirs) = opened.records(cfg, b), copy.records(cfg, b)
+            assert np.array_equal(rows, their_rows) and mine == theirs
+        assert rows.tolist() == list(range(288, 300))
+    monkeypatch.setattr("pretrain.embed.usable_cpus", lambda: 16)
+    assert default_workers(torch.device("cpu")) == 0
+    assert default_workers(torch.device("cuda")) == 4
+    monkeypatch.setattr("pretrain.embed.usable_cpus", lambda: 2)
+    assert default_workers(torch.device("cuda")) == 1
+    with pytest.raises(ValueError, match="workers must be >= 0, not -1"):
+        embed_cells(exported, cells, workers=-1)
 
 
 def test_csc_file_embeds_as_its_csr_copy(model_file, cells, tmp_path):

@@ -42,6 +42,8 @@ def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
     assert runs["criss_cross_killed"]["checkpoints_left"] == ["step00000002"]
     assert runs["criss_cross"]["cells_per_s"] > 0 and runs["full"]["tokens_per_s"] > 0
     assert len(runs["criss_cross"]["eval_loss"]) == 2
+    assert set(runs) == {"criss_cross", "criss_cross_killed", "criss_cross_resumed", "full"}
+    assert runs["criss_cross"]["precision"] == runs["full"]["precision"] == "fp32"
     resume = trainer["resume"]
     assert resume["resumed_from_step"] == 2 and resume["steps_compared"] == 4
     assert resume["losses_match_bitwise"] and resume["eval_losses_match"]
@@ -49,11 +51,12 @@ def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
     embed = result["embed"]  # the trained model, exported, embeds real cells in both precisions
     assert embed["cells"] == 300 and embed["context"] == 256
     assert embed["fp32_cells_per_s"] > 0 and embed["bf16_cells_per_s"] > 0
+    assert embed["workers"] == 0 and embed["samples_workers_s"] == embed["samples_s"]  # a CPU
     assert embed["cos_min"] > 0.999 and embed["same_type"] > 0.9
     # the same figures as markdown beside the JSON, and again from the JSON alone (a run stopped
     # by a time limit keeps its JSON but never reaches its report)
     md = (out / "gpu_check.md").read_text()
-    assert "| run | seconds | cells_per_s |" in md and "|---|---|" in md
+    assert "| run | precision | seconds | cells_per_s |" in md and "|---|---|" in md
     (out / "gpu_check.md").unlink()
     again = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--report-from",
                             str(out / "gpu_check.json")], cwd=repo_root, env=_env(repo_root),

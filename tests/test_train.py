@@ -111,10 +111,12 @@ def reference_run(repo_root, shards, tmp_path_factory) -> Path:
 # tests
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stage,launcher,precision", [
-    ("zero1", "deepspeed", "bf16"), ("zero3", "torchrun", "fp32")])
+    ("zero1", "deepspeed", "bf16"), ("zero3", "torchrun", "fp32"),
+    ("zero2", "torchrun", "bf16-mixed")])
 def test_zero_stage_trains(repo_root, shards, reference_run, tmp_path, stage, launcher,
                            precision):
-    """Every ZeRO stage trains the same model: in fp32 its losses equal ZeRO-2's; bf16 is close."""
+    """Every ZeRO stage trains the same model: in fp32 its losses equal ZeRO-2's; bf16 (bf16
+    weights) and bf16-mixed (fp32 weights, bf16 autocast) are close."""
     args = _args(shards, tmp_path, stage, 3, "--precision", precision, "--eval-every", "0")
     if launcher == "deepspeed":
         cmd = [str(repo_root / ".venv" / "bin" / "deepspeed"), "--num_gpus", "2",
@@ -125,13 +127,16 @@ def test_zero_stage_trains(repo_root, shards, reference_run, tmp_path, stage, la
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["deepspeed"]["zero_optimization"]["stage"] == int(stage[-1])
     assert config["deepspeed"]["bf16"]["enabled"] is (precision == "bf16")
+    assert config["deepspeed"]["torch_autocast"] == {"enabled": precision == "bf16-mixed",
+                                                     "dtype": "bfloat16"}
     assert config["world_size"] == 2
     assert (tmp_path / "checkpoints" / "step00000003").is_dir()
     losses, expected = _losses(tmp_path), _losses(reference_run)[:3]
     if precision == "fp32":
         np.testing.assert_allclose(losses, expected, rtol=1e-5)
-    else:
+    else:  # close, and not the fp32 run's: the matmuls did run in bf16
         np.testing.assert_allclose(losses, expected, rtol=0.05)
+        assert not np.allclose(losses, expected, rtol=1e-5)
 
 
 def test_tensorboard_tags(reference_run):
