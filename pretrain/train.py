@@ -89,7 +89,10 @@ def resolve_ds_config(cfg: RunConfig, path: str | Path, native_bf16: bool) -> di
     bf16 = ds.setdefault("bf16", {})
     precision = cfg.train.precision
     if precision == "auto" and bf16.get("enabled", "auto") == "auto":
-        precision = "bf16-mixed" if native_bf16 else "fp32"
+        if "torch_autocast" in ds:  # the JSON's own autocast decides
+            bf16["enabled"] = False
+        else:
+            precision = "bf16-mixed" if native_bf16 else "fp32"
     if precision != "auto":
         bf16["enabled"] = precision == "bf16"
         ds["torch_autocast"] = {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"}

@@ -123,6 +123,11 @@ def test_bf16_and_autocast_together_are_refused(repo_root, tmp_path):
         resolve_ds_config(cfg, tmp_path / "both.json", native_bf16=True)
     with pytest.raises(SystemExit):
         parse_train_config(["--shards", "S", "--out", "R", "--precision", "fp16"])
+    own = json.loads((repo_root / "ds_configs" / "zero2.json").read_text())  # under auto, a
+    own["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}  # JSON's autocast is kept
+    (tmp_path / "own.json").write_text(json.dumps(own))
+    ds = resolve_ds_config(cfg, tmp_path / "own.json", native_bf16=False)
+    assert ds["torch_autocast"]["enabled"] is True and ds["bf16"]["enabled"] is False
 
 
 def test_a_resumed_run_keeps_its_saved_model(tmp_path):
