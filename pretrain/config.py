@@ -198,6 +198,11 @@ def resumed_settings(given: dict) -> dict:
         raise ValueError(f"{run} holds a checkpoint of another model ({saved_path}: "
                          f"{'; '.join(conflicts)}); resume with its settings, or train anew "
                          "with another --out or --no-resume")
+    ds = saved.get("deepspeed", {})
+    if ds:  # unless given, the precision it trained in (auto's meaning may have changed since)
+        wanted["train.precision"] = (
+            "bf16" if ds.get("bf16", {}).get("enabled") is True else
+            "bf16-mixed" if ds.get("torch_autocast", {}).get("enabled") is True else "fp32")
     return {**wanted, **given}
 
 

@@ -137,12 +137,15 @@ def test_a_resumed_run_keeps_its_saved_model(tmp_path):
     base = ["--shards", "S", "--out", str(tmp_path)]
     saved = asdict(resolve({"train.model": "tiny", "model.d_model": 32, "model.n_heads": 2}))
     del saved["model"]["pooled_weights"]  # saved before the setting existed
+    saved["deepspeed"] = {"bf16": {"enabled": True}}  # trained in bf16 mode, auto's old meaning
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert parse_train_config(base).model.d_model == 64  # no checkpoint yet: a new run
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest").write_text("step00000010")
     cfg = parse_train_config(base)
     assert (cfg.model.d_model, cfg.model.pooled_weights, cfg.train.model) == (32, "uniform", "tiny")
+    assert cfg.train.precision == "bf16"  # kept; a given one wins
+    assert parse_train_config([*base, "--precision", "bf16-mixed"]).train.precision == "bf16-mixed"
     cfg = parse_train_config([*base, "--model.d-model", "32", "--model.kernels", "reference",
                               "--max-steps", "50"])
     assert (cfg.model.d_model, cfg.model.kernels, cfg.train.max_steps) == (32, "reference", 50)
