@@ -60,12 +60,16 @@ def untrained(trained: Path, preset: str, context: int, out: Path) -> Path:
                             context, graph_config=exported.graph_config)
 
 
-def samples_alone(exported, data: Path, workers: int) -> tuple[int, float]:
-    """(cells, seconds) of reading ``data``, its neighbour graph and every batch, no model;
-    the samples made by ``workers`` processes (0: this one)."""
-    start = time.perf_counter()
-    n = sum(len(rows) for rows, _ in iter_batches(exported, data, workers=workers))
-    return n, time.perf_counter() - start
+def samples_alone(exported, data: Path, workers: int) -> tuple[int, float, float]:
+    """(cells, seconds in one process, seconds with ``workers`` processes) of reading ``data``,
+    its neighbour graph and every batch, no model (the second timing is the first's when
+    ``workers`` is 0)."""
+    seconds = []
+    for w in dict.fromkeys((0, workers)):
+        start = time.perf_counter()
+        n = sum(len(rows) for rows, _ in iter_batches(exported, data, workers=w))
+        seconds.append(time.perf_counter() - start)
+    return n, seconds[0], seconds[-1]
 
 
 def compare(model: Path, data: Path, repeats: int, device: str | torch.device = "cpu",
@@ -77,8 +81,7 @@ def compare(model: Path, data: Path, repeats: int, device: str | torch.device = 
     exported = load_model_file(model)
     best, results = {}, {}
     workers = default_workers(torch.device(device)) if workers is None else workers
-    n, samples_s = samples_alone(exported, data, 0)
-    samples_workers_s = samples_alone(exported, data, workers)[1] if workers else samples_s
+    n, samples_s, samples_workers_s = samples_alone(exported, data, workers)
     for _ in range(repeats):
         for precision in ("fp32", "bf16"):
             start = time.perf_counter()
@@ -136,8 +139,7 @@ def main() -> None:
             for model, data in ((Path(args.model), Path(args.data)), (preset, subset)):
                 exported = load_model_file(model)
                 for _ in range(args.repeats):
-                    n, one = samples_alone(exported, data, 0)
-                    many = samples_alone(exported, data, args.workers)[1]
+                    n, one, many = samples_alone(exported, data, args.workers)
                     print(f"| {exported.config.d_model}-wide | {n:,} | "
                           f"{exported.train_context:,} | {one:.2f} s ({n / one:,.0f}/s) | "
                           f"{many:.2f} s ({n / many:,.0f}/s, {one / many:.2f}x) |")

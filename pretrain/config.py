@@ -198,12 +198,22 @@ def resumed_settings(given: dict) -> dict:
         raise ValueError(f"{run} holds a checkpoint of another model ({saved_path}: "
                          f"{'; '.join(conflicts)}); resume with its settings, or train anew "
                          "with another --out or --no-resume")
-    ds = saved.get("deepspeed", {})
-    if ds:  # unless given, the precision it trained in (auto's meaning may have changed since)
-        wanted["train.precision"] = (
-            "bf16" if ds.get("bf16", {}).get("enabled") is True else
-            "bf16-mixed" if ds.get("torch_autocast", {}).get("enabled") is True else "fp32")
+    if saved.get("deepspeed"):  # unless given, the precision it trained in (auto's meaning
+        wanted["train.precision"] = precision_of(saved["deepspeed"])  # may have changed since)
     return {**wanted, **given}
+
+
+def precision_of(ds: dict) -> str:
+    """The ``--precision`` a resolved DeepSpeed JSON trains in: bf16 (DeepSpeed's bf16 mode),
+    bf16-mixed (bf16 autocast), fp32, or auto where it holds another mode (fp16), which only
+    the JSON itself describes."""
+    autocast = ds.get("torch_autocast", {})
+    if ds.get("bf16", {}).get("enabled") is True:
+        return "bf16"
+    if ds.get("fp16", {}).get("enabled") is True or autocast.get("enabled") is True and (
+            autocast.get("dtype") not in ("bfloat16", "bf16")):
+        return "auto"
+    return "bf16-mixed" if autocast.get("enabled") is True else "fp32"
 
 
 def parse_train_config(argv: list[str] | None = None) -> RunConfig:

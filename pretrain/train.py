@@ -43,6 +43,7 @@ from pretrain.config import (  # noqa: E402
     RunConfig,
     TrainConfig,
     parse_train_config,
+    precision_of,
 )
 from pretrain.device_peaks import DevicePeak, device_peak, native_bf16  # noqa: E402
 from pretrain.distributed import gather_across_ranks, sum_across_ranks  # noqa: E402
@@ -329,9 +330,7 @@ def load_label_hierarchy(path: str | Path, shards: str | Path, manifest: dict) -
 
 def bf16_matmuls(ds: dict) -> bool:
     """Whether the run multiplies in bf16: DeepSpeed's bf16 mode or bf16 autocast."""
-    autocast = ds.get("torch_autocast", {})
-    return ds["bf16"]["enabled"] or (autocast.get("enabled") is True
-                                     and autocast.get("dtype") in ("bfloat16", "bf16"))
+    return precision_of(ds) in ("bf16", "bf16-mixed")
 
 
 def run_peak(cfg: TrainConfig, bf16: bool, device: torch.device) -> DevicePeak:
