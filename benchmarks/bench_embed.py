@@ -20,7 +20,6 @@ how many cells keep their predicted cell type and their 15 nearest neighbours.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_quality import PBMC  # noqa: E402  (benchmarks/)
+from bench_quality import PBMC, save_random_init  # noqa: E402  (benchmarks/)
 
 from pretrain.device_peaks import native_bf16  # noqa: E402
 from pretrain.embed import (  # noqa: E402
@@ -41,23 +40,12 @@ from pretrain.embed import (  # noqa: E402
     embed_cells,
     iter_batches,
 )
-from pretrain.export import load_model_file, write_model_file  # noqa: E402
+from pretrain.export import load_model_file  # noqa: E402
 from pretrain.label_transfer import nearest_reference  # noqa: E402
-from pretrain.model import ModelConfig, ScPrintModel  # noqa: E402
-from utils.cpus import usable_cpus  # noqa: E402
+from pretrain.model import ModelConfig  # noqa: E402
+from utils.cpus import cpu_model, usable_cpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def untrained(trained: Path, preset: str, context: int, out: Path) -> Path:
-    """A model file of ``preset`` with ``trained``'s vocabularies, at ``context`` genes."""
-    exported = load_model_file(trained)
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset(preset)
-    model = ScPrintModel(cfg, exported.vocab.n_ids, {c: len(v) for c, v in
-                                                     exported.labels.items()})
-    return write_model_file(out, model.state_dict(), cfg, exported.vocab, exported.labels,
-                            context, graph_config=exported.graph_config)
 
 
 def samples_alone(exported, data: Path, workers: int) -> tuple[int, float, float]:
@@ -126,13 +114,13 @@ def main() -> None:
     ap.add_argument("--samples-only", action="store_true",
                     help="only the samples-alone timings (no forward, no precision comparison)")
     args = ap.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+    print(f"machine: {cpu_model()}, {torch.get_num_threads()} "
           f"threads; bf16 native: {native_bf16('cpu')}")
     with tempfile.TemporaryDirectory() as tmp:
         subset = Path(tmp) / "subset.h5ad"
         anndata.read_h5ad(args.data)[:args.preset_cells].copy().write_h5ad(subset)
-        preset = untrained(Path(args.model), args.preset, args.preset_context,
-                           Path(tmp) / "preset.pt")
+        preset = save_random_init(Path(args.model), Path(tmp) / "preset.pt", 0,
+                                  ModelConfig.preset(args.preset), args.preset_context)
         if args.samples_only:
             print("| model | cells | context | samples alone | samples alone, "
                   f"{args.workers} workers |\n|---|---:|---:|---:|---:|")

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -60,6 +59,7 @@ if str(REPO) not in sys.path:
 
 from pretrain.embed import PRECISIONS  # noqa: E402
 from utils import atomic  # noqa: E402
+from utils.cpus import cpu_model  # noqa: E402
 
 PBMC = REPO / "data" / "human_pbmc_kang18_ifnb_rdeepmaps_2800cells_raw.h5ad"
 LABEL = "cell_type"
@@ -165,17 +165,28 @@ def train(args, shards: Path, run: Path, seed: int) -> float:
     return seconds
 
 
-def save_random_init(trained: Path, out: Path, seed: int) -> Path:
-    """The trained file's model at initialisation (same config, vocabularies and seed)."""
+def trained_precision(run: Path) -> str:
+    """The precision the run trained in, as its resolved DeepSpeed JSON says (``--precision
+    auto`` means bf16-mixed where bf16 is native and fp32 elsewhere, so the page names it)."""
+    from pretrain.config import precision_of
+
+    return precision_of(json.loads((run / "config.json").read_text())["deepspeed"])
+
+
+def save_random_init(trained: Path, out: Path, seed: int, config=None,
+                     context: int | None = None) -> Path:
+    """The trained file's model at initialisation: its vocabularies and graph settings, with its
+    own config and context unless given (a ``ModelConfig`` of another size, another context)."""
     from pretrain.export import load_model_file, write_model_file
     from pretrain.model import ScPrintModel
 
     exported = load_model_file(trained)
+    config = config or exported.config
     torch.manual_seed(seed)
-    model = ScPrintModel(exported.config, exported.vocab.n_ids,
+    model = ScPrintModel(config, exported.vocab.n_ids,
                          {c: len(v) for c, v in exported.labels.items()})
-    return write_model_file(out, model.state_dict(), exported.config, exported.vocab,
-                            exported.labels, exported.train_context,
+    return write_model_file(out, model.state_dict(), config, exported.vocab, exported.labels,
+                            context or exported.train_context,
                             graph_config=exported.graph_config, tag="random-init")
 
 
@@ -279,8 +290,9 @@ READING = """## How to read it
   scored by 5-fold cross-validation within it (the model's head only where its cell types are
   ones the head knows). Rows naming "the model's N of M genes" give the baselines only the
   genes the model reads of that dataset (those in its vocabulary); the others use all M.
-- "head" is `obs["predicted_cell_type"]`; "kNN probe" is a 15-NN classifier on
-  `obsm["X_scpretrain"]`, the general cell token; "random init" is the same architecture,
+- "head" is `obs["predicted_cell_type"]`; "kNN probe" is a 15-NN vote on
+  `obsm["X_scpretrain"]`, the general cell token (`pretrain.label_transfer`, what
+  `pretrain.embed --reference` gives users); "random init" is the same architecture,
   vocabularies and embedding path with untrained weights.
 - Denoising: the training corruption applied to the STIM cells (all 6 neighbours, no 100%
   pass); Pearson of log2(1 + x) over the dropped counts; every predictor is rescaled to the same
@@ -335,10 +347,11 @@ def main(argv: list[str] | None = None) -> None:
         held_out_baselines(scores, held)
 
     recon: dict[str, list[float]] = {}
-    seconds, embeddings = [], {}
+    seconds, precisions, embeddings = [], set(), {}
     for seed in args.seeds:
         files, took = trained_and_random(args, shards, out / f"seed{seed}", seed)
         seconds.append(took)
+        precisions.add(trained_precision(out / f"seed{seed}" / "run"))
         models = {name: load_model_file(f) for name, f in files.items()}
         stim_embeddings = score_models(scores, models, ctrl, stim, y_ctrl, y_stim,
                                        args.embed_precision)
@@ -354,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
     table = format_table(scores, recon)
     print(table)
     if args.doc:
-        write_doc(Path(args.doc), args, table, embeddings, y_stim, float(np.mean(seconds)))
+        write_doc(Path(args.doc), args, table, embeddings, y_stim, float(np.mean(seconds)),
+                  " / ".join(sorted(precisions)))
 
 
 def trained_and_random(args, shards: Path, out: Path, seed: int) -> tuple[dict[str, Path], float]:
@@ -491,7 +505,7 @@ def format_table(scores: Scores, recon: dict[str, list[float]]) -> str:
 
 
 def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
-              seconds: float) -> None:
+              seconds: float, precision: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,9 +534,10 @@ def write_doc(doc: Path, args, table: str, embeddings: dict, labels: np.ndarray,
     runs = (f"once per seed ({', '.join(map(str, args.seeds))}), {seconds:.0f} s each on "
             "average" if len(args.seeds) > 1 else f"in {seconds:.0f} s")
     text = (f"# Held-out quality against baselines\n\n"
-            f"`{command}` on {platform.processor() or platform.machine()}, {os.cpu_count()} "
+            f"`{command}` on {cpu_model()}, {os.cpu_count()} "
             f"cores, no GPU: `{args.model}` trained {args.steps} steps on {args.ranks} CPU "
-            f"ranks, batch {args.batch_size} per rank, context {args.context}, {runs}; "
+            f"ranks in {precision}, batch {args.batch_size} per rank, context {args.context}, "
+            f"{runs}; "
             f"everything else from the preset's recipe.\n\n{table}\n\n"
             f"![t-SNE of the STIM cells' embedding]({picture.name})\n\n{READING}")
     old = doc.read_text() if doc.is_file() else ""

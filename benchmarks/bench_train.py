@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,9 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from pretrain.config import PRECISIONS  # noqa: E402
+from utils.cpus import cpu_model  # noqa: E402
 
 
 def build_demo_shards(out: Path, context: int) -> Path:
@@ -79,7 +81,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the trainer's --precision")
     parser.add_argument("--configs", default="zero1,zero2,zero3")
     parser.add_argument("--shards", default=None, help="build_shards output (default: demo)")
     args = parser.parse_args()
@@ -91,7 +94,7 @@ def main() -> None:
         rows = [run_config(args, shards, c, tmp / c) for c in args.configs.split(",")]
 
     mem = psutil.virtual_memory().total / 2**30
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, "
           f"{mem:.0f} GiB RAM, {'CUDA' if _has_cuda() else 'no GPU'}; {args.nproc} ranks, "
           f"model {args.model}, context {args.context}, batch {args.batch_size}/rank, "
           f"{args.precision}, {args.steps} steps")

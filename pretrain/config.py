@@ -172,6 +172,7 @@ def resolve(given: dict) -> RunConfig:
     return flags.build(RunConfig, values, RunConfig(model=model))
 
 
+PRECISIONS = ("auto", "bf16", "bf16-mixed", "fp32")  # --precision (pretrain/train.py)
 CKPT_DIR = "checkpoints"  # RUN/checkpoints/step<N>/ and RUN/checkpoints/latest
 # Model settings a resumed run may change: how the same model is computed, not what it is.
 RESUME_MAY_CHANGE = ("kernels", "checkpointing")
@@ -224,6 +225,6 @@ def parse_train_config(argv: list[str] | None = None) -> RunConfig:
         p.error(str(e))
     if not cfg.train.shards or not cfg.train.out:
         p.error("--shards and --out are required")
-    if cfg.train.precision not in ("auto", "bf16", "bf16-mixed", "fp32"):
-        p.error(f"--precision {cfg.train.precision!r}: expected auto, bf16, bf16-mixed or fp32")
+    if cfg.train.precision not in PRECISIONS:
+        p.error(f"--precision {cfg.train.precision!r}: expected {', '.join(PRECISIONS)}")
     return cfg

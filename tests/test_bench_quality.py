@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,23 +68,9 @@ def test_held_out_baselines_on_the_models_genes_see_only_the_genes_it_reads(bq, 
                                                                            tmp_path):
     """(b)'s baselines restricted to the model's genes: the file's columns the model's
     vocabulary holds (here its first 2,000 genes), every cell in the file's order."""
-    import anndata
+    from pretrain.export import load_model_file
 
-    from data_prep.labels import LabelVocab
-    from data_prep.vocab import GeneVocab
-    from pretrain.export import load_model_file, write_model_file
-    from pretrain.model import ModelConfig, ScPrintModel
-
-    pbmc = anndata.read_h5ad(real_data / bq.PBMC.name)[:200].copy()
-    pbmc.write_h5ad(tmp_path / "cells.h5ad")
-    vocab = GeneVocab()
-    vocab.add("NCBITaxon:9606", list(pbmc.var_names[:2000]))
-    labels = LabelVocab()
-    labels.add("cell_type", sorted(pbmc.obs["cell_type"].astype(str).unique()))
-    cfg = ModelConfig.preset("tiny", kernels="reference")
-    model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels())
-    path = write_model_file(tmp_path / "model.pt", model.state_dict(), cfg, vocab,
-                            labels.class_names(), 64)
+    pbmc, path = _pbmc_and_model(bq, real_data, tmp_path)
     held = bq.held_out_cells(tmp_path / "cells.h5ad", "cell_type")
     scores = bq.Scores()
     bq.held_out_model_gene_baselines(scores, held, load_model_file(path))
@@ -96,3 +83,57 @@ def test_held_out_baselines_on_the_models_genes_see_only_the_genes_it_reads(bq, 
     assert scores.rows[(held.setting, f"logistic regression, {genes}")] == [expected]
     all_genes = bq.accuracy_f1(truth, bq._cross_validated(held, bq.logreg_predict, held.x))
     assert expected != all_genes  # the other 12,053 genes change the fit
+
+
+def _pbmc_and_model(bq, real_data, tmp_path):
+    """200 PBMC cells written to ``tmp_path/cells.h5ad`` and an untrained ``tiny`` model file
+    whose vocabulary holds their first 2,000 genes."""
+    import anndata
+
+    from data_prep.labels import LabelVocab
+    from data_prep.vocab import GeneVocab
+    from pretrain.export import write_model_file
+    from pretrain.model import ModelConfig, ScPrintModel
+
+    pbmc = anndata.read_h5ad(real_data / bq.PBMC.name)[:200].copy()
+    pbmc.write_h5ad(tmp_path / "cells.h5ad")
+    vocab = GeneVocab()
+    vocab.add("NCBITaxon:9606", list(pbmc.var_names[:2000]))
+    labels = LabelVocab()
+    labels.add("cell_type", sorted(pbmc.obs["cell_type"].astype(str).unique()))
+    cfg = ModelConfig.preset("tiny", kernels="reference")
+    model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels())
+    return pbmc, write_model_file(tmp_path / "model.pt", model.state_dict(), cfg, vocab,
+                                  labels.class_names(), 64)
+
+
+def test_random_init_keeps_the_vocabularies_and_takes_another_size_when_given(bq, real_data,
+                                                                              tmp_path):
+    from pretrain.export import load_model_file
+    from pretrain.model import ModelConfig
+
+    _, path = _pbmc_and_model(bq, real_data, tmp_path)
+    trained = load_model_file(path)
+    same = load_model_file(bq.save_random_init(path, tmp_path / "same.pt", seed=5))
+    again = load_model_file(bq.save_random_init(path, tmp_path / "again.pt", seed=5))
+    small = load_model_file(bq.save_random_init(path, tmp_path / "small.pt", 5,
+                                                ModelConfig.preset("small"), 512))
+    assert same.config == trained.config and same.train_context == 64
+    assert (small.config.d_model, small.train_context) == (256, 512)
+    for other in (same, small):
+        assert other.vocab.ranges == trained.vocab.ranges and other.labels == trained.labels
+
+    def weights(exported):
+        return torch.cat([t.flatten() for t in exported.model.state_dict().values()])
+
+    assert torch.equal(weights(same), weights(again))  # the seed fixes it
+    assert not torch.equal(weights(same), weights(trained))
+
+
+@pytest.mark.parametrize("ds,precision", [
+    ({"bf16": {"enabled": False}, "torch_autocast": {"enabled": True, "dtype": "bfloat16"}},
+     "bf16-mixed"),
+    ({"bf16": {"enabled": True}}, "bf16"), ({"torch_autocast": {"enabled": False}}, "fp32")])
+def test_the_page_names_the_precision_the_run_trained_in(bq, tmp_path, ds, precision):
+    (tmp_path / "config.json").write_text(json.dumps({"deepspeed": ds}))
+    assert bq.trained_precision(tmp_path) == precision
