@@ -28,9 +28,13 @@ demo: $(VENV)/.installed
 	@echo "shard report: $(DEMO_OUT)/shards/report/summary.txt (plots beside it)"
 	@echo "training run: $(DEMO_OUT)/seed0/run (tensorboard --logdir $(DEMO_OUT)/seed0/run/tb)"
 
+# One pytest worker per usable CPU; a test file stays on one worker, so its module fixtures
+# (shard builds, trained runs) are made once. Most tests run one thread (OMP_NUM_THREADS=1).
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
+
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Wheels for a GPU machine without internet that has its own torch and triton (Python 3.12,
 # manylinux x86_64): what benchmarks/gpu_check.sh installs there with --no-index --no-deps.

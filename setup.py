@@ -41,6 +41,6 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "ruff==0.17.6"],
+        "dev": ["pytest==9.2.0", "pytest-timeout==2.4.0", "pytest-xdist==3.8.0", "ruff==0.17.6"],
     },
 )
