@@ -68,9 +68,9 @@ def resolve_ds_config(cfg: RunConfig, path: str | Path, native_bf16: bool) -> di
     ``"bf16-mixed"`` keeps the weights, gradients and residual stream in fp32 and runs the
     matmuls in bf16 under torch autocast (DeepSpeed's ``torch_autocast``); ``"bf16"`` is
     DeepSpeed's bf16 mode (bf16 weights, activations and gradients, fp32 master weights in the
-    optimizer), which cost the demo's held-out accuracy 0.05 against both
-    (docs/benchmarks/quality.md). A JSON that sets ``bf16.enabled`` or ``torch_autocast``
-    itself is followed under ``"auto"``.
+    optimizer), which cost the demo's held-out accuracy 0.05 against both on one seed, less
+    than the seed spread over three (docs/benchmarks/quality.md). A JSON that sets
+    ``bf16.enabled`` or ``torch_autocast`` itself is followed under ``"auto"``.
     """
     path = Path(path)
     try:
