@@ -229,7 +229,8 @@ def denoising(models: dict, h5ad: Path, gene_share: dict[int, float],
               seed: int) -> dict[str, float]:
     """Pearson of log2(1 + x) at the dropped counts: each model (same vocabularies) vs the
     library-size mean and the neighbour average, all scaled to the same context total, on one
-    pass over the same corrupted batches."""
+    pass over the same corrupted batches; and each model averaged with the neighbour average
+    (above both when the model's errors are not the neighbours')."""
     from pretrain.embed import inference_config, iter_batches
 
     first = next(iter(models.values()))
@@ -255,8 +256,12 @@ def denoising(models: dict, h5ad: Path, gene_share: dict[int, float],
         for name, p in predicted.items():
             preds[name].append(torch.log2(1 + p[dropped]).numpy())
         truth.append(torch.log2(1 + batch["counts"][dropped]).numpy())
+    logs = {name: np.concatenate(p) for name, p in preds.items()}
+    for name in models:  # does a model know what the neighbours do not? then the two together
+        logs[f"{name} and neighbour average, mean of their log2(1 + x)"] = (  # beat both alone
+            logs[name] + logs["neighbour average"]) / 2
     y = np.concatenate(truth)
-    return {name: float(np.corrcoef(np.concatenate(p), y)[0, 1]) for name, p in preds.items()}
+    return {name: float(np.corrcoef(p, y)[0, 1]) for name, p in logs.items()}
 
 
 def _to_total(weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

@@ -137,3 +137,18 @@ def test_random_init_keeps_the_vocabularies_and_takes_another_size_when_given(bq
 def test_the_page_names_the_precision_the_run_trained_in(bq, tmp_path, ds, precision):
     (tmp_path / "config.json").write_text(json.dumps({"deepspeed": ds}))
     assert bq.trained_precision(tmp_path) == precision
+
+
+def test_denoising_scores_every_predictor_and_each_model_beside_the_neighbour_average(
+        bq, real_data, tmp_path):
+    from pretrain.export import load_model_file
+
+    pbmc, path = _pbmc_and_model(bq, real_data, tmp_path)
+    model = load_model_file(path)
+    shares = bq.gene_shares(model, tmp_path / "cells.h5ad")
+    r = bq.denoising({"model": model}, tmp_path / "cells.h5ad", shares, seed=0)
+    blend = "model and neighbour average, mean of their log2(1 + x)"
+    assert list(r) == ["model", "library-size mean", "neighbour average", blend]
+    assert all(-1 <= v <= 1 for v in r.values())
+    assert r["neighbour average"] > 0.5 > abs(r["model"])  # an untrained model knows nothing
+    assert r[blend] not in (r["model"], r["neighbour average"])
