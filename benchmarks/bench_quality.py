@@ -18,14 +18,17 @@ and interferon-stimulated cells of the same donors):
    (b) a dataset left out of training entirely (``--held-out``), scored by 5-fold
        cross-validation of probes fitted on that dataset's own cells.
 4. Scores, on those cells: the classification head (accuracy, macro-F1), a kNN probe (k = 15)
-   on the embedding, and denoising (Pearson of log2(1 + count) on the counts the training
-   corruption drops). Baselines, each in this run: the majority class; logistic regression on
-   log-normalised counts; kNN (k = 15) on 50 PCs of log-normalised counts (PCA fitted on the
-   training cells); for (b) both of these again on only the dataset's genes the model reads;
-   the same model at random initialisation (head, embedding probe, denoising);
-   for denoising, the library-size mean (each gene's share of the training cells' counts) and
-   the neighbour average. Every denoising predictor is scaled to the same total (the cell's
-   counts over its context genes, as the model's ZINB mean is).
+   on the embedding, and denoising (Pearson of log2(1 + count) against the uncorrupted counts
+   after the training corruption: over every context gene, over the genes whose corrupted
+   input is 0, and over the counts the corruption dropped). Baselines, each in this run: the
+   majority class; logistic regression on log-normalised counts; kNN (k = 15) on 50 PCs of
+   log-normalised counts (PCA fitted on the training cells); for (b) both of these again on
+   only the dataset's genes the model reads; the same model at random initialisation (head,
+   embedding probe, denoising); for denoising, the corrupted input itself, the library-size
+   mean (each gene's share of the training cells' counts), the neighbour average and the cell
+   averaged with its neighbours (kNN smoothing), and the model given no neighbours. Every
+   denoising predictor is scaled to the same total (the cell's counts over its context genes,
+   as the model's ZINB mean is).
 5. Prints the table, and writes it with a 2-D t-SNE picture of the STIM cells' embedding
    (trained vs random initialisation, coloured by cell type) to ``--doc`` and beside it.
 
@@ -225,43 +228,68 @@ def majority_predict(train_y, n: int) -> np.ndarray:
     return np.full(n, values[counts.argmax()])
 
 
+# Where denoising is scored, each a set of (cell, context gene) positions chosen by what the
+# predictors see (the corrupted input), except the last, chosen by the truth (see READING).
+DENOISING_SCOPES = ("every context gene", "genes whose input is 0", "dropped counts")
+
+
 def denoising(models: dict, h5ad: Path, gene_share: dict[int, float],
-              seed: int) -> dict[str, float]:
-    """Pearson of log2(1 + x) at the dropped counts: each model (same vocabularies) vs the
-    library-size mean and the neighbour average, all scaled to the same context total, on one
-    pass over the same corrupted batches; and each model averaged with the neighbour average
-    (above both when the model's errors are not the neighbours')."""
+              seed: int) -> dict[str, dict[str, float]]:
+    """Pearson of log2(1 + x) against the uncorrupted counts, per predictor and scope
+    (DENOISING_SCOPES), all predictors scaled to the same context total, on one pass over the
+    same corrupted batches: each model (same vocabularies); the first one again with no
+    neighbours given (what its neighbour encoder brings); no denoising (the corrupted input);
+    the library-size mean; the neighbour average; the cell's remaining counts averaged with its
+    neighbours' (kNN smoothing, the cell one of the k + 1 profiles); and the first model
+    averaged with the neighbour average. A predictor constant over a scope scores NaN."""
     from pretrain.embed import inference_config, iter_batches
 
-    first = next(iter(models.values()))
+    first_name, first = next(iter(models.items()))
+    alone = f"{first_name}, no neighbours given"
+    names = [*models, alone, "no denoising: the corrupted input", "library-size mean",
+             "neighbour average", "the cell and its neighbours, averaged"]
     # the training corruption on the model's full context, all 6 neighbours, no 100% pass
     corrupt = replace(inference_config(first.train_context, 6, 64, seed), mask_scale=1.1,
                       mask_max=0.8)
-    preds: dict[str, list[np.ndarray]] = {k: [] for k in [*models, "library-size mean",
-                                                           "neighbour average"]}
-    truth = []
+    preds: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    truth, scopes = [], {k: [] for k in DENOISING_SCOPES}
     for _, batch in iter_batches(first, h5ad, data_config=corrupt):
         mask = batch["gene_mask"]
-        dropped = mask & (batch["input_counts"] != batch["counts"])
+        own = batch["input_counts"].float() * mask
         scale = (batch["counts"] * mask).sum(1, keepdim=True)
         share = torch.tensor(np.vectorize(lambda g: gene_share.get(int(g), 0.0))(
             batch["gene_ids"].numpy()), dtype=torch.float32) * mask
-        nbr = batch["nbr_counts"].float()
         present = batch["nbr_mask"].float()[:, :, None]
-        nbr_mean = (nbr * present).sum(1) / present.sum(1).clamp(min=1) * mask
-        predicted = {"library-size mean": _to_total(share, scale),
-                     "neighbour average": _to_total(nbr_mean, scale)}
+        nbr_sum = (batch["nbr_counts"].float() * present).sum(1) * mask
+        predicted = {names[-4]: _to_total(own, scale),
+                     "library-size mean": _to_total(share, scale),
+                     "neighbour average": _to_total(nbr_sum, scale),
+                     names[-1]: _to_total((own + nbr_sum) / (1 + present.sum(1)), scale)}
+        no_neighbours = dict(batch, nbr_mask=torch.zeros_like(batch["nbr_mask"]))
         with torch.no_grad():
             predicted.update({name: m.model(batch)["pred_mean"] for name, m in models.items()})
+            predicted[alone] = first.model(no_neighbours)["pred_mean"]
         for name, p in predicted.items():
-            preds[name].append(torch.log2(1 + p[dropped]).numpy())
-        truth.append(torch.log2(1 + batch["counts"][dropped]).numpy())
-    logs = {name: np.concatenate(p) for name, p in preds.items()}
-    for name in models:  # does a model know what the neighbours do not? then the two together
-        logs[f"{name} and neighbour average, mean of their log2(1 + x)"] = (  # beat both alone
-            logs[name] + logs["neighbour average"]) / 2
+            preds[name].append(torch.log2(1 + p[mask]).numpy())
+        truth.append(torch.log2(1 + batch["counts"][mask]).numpy())
+        for scope, where in zip(DENOISING_SCOPES, (mask, batch["input_counts"] == 0,
+                                                   batch["input_counts"] != batch["counts"])):
+            scopes[scope].append(where[mask].numpy())
+    logs = {name: np.concatenate(preds[name]) for name in names}
+    # does the model know what the neighbours do not? then the two together beat both alone
+    logs[f"{first_name} and neighbour average, mean of their log2(1 + x)"] = (
+        logs[first_name] + logs["neighbour average"]) / 2
     y = np.concatenate(truth)
-    return {name: float(np.corrcoef(p, y)[0, 1]) for name, p in logs.items()}
+    where = {scope: np.concatenate(m) for scope, m in scopes.items()}
+    return {name: {scope: _pearson(p[w], y[w]) for scope, w in where.items()}
+            for name, p in logs.items()}
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; NaN when either side is constant."""
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def _to_total(weights: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -300,8 +328,15 @@ READING = """## How to read it
   `pretrain.embed --reference` gives users); "random init" is the same architecture,
   vocabularies and embedding path with untrained weights.
 - Denoising: the training corruption applied to the STIM cells (all 6 neighbours, no 100%
-  pass); Pearson of log2(1 + x) over the dropped counts; every predictor is rescaled to the same
-  per-cell total, so only the shape of the profile is compared.
+  pass); Pearson of log2(1 + x) against the uncorrupted counts; every predictor is rescaled to
+  the same per-cell total, so only the shape of the profile is compared. Three scopes: every
+  context gene (the whole profile a user gets back); the genes whose corrupted input is 0
+  (dropped to 0, or truly 0: the zeros a denoiser must fill or keep); and the dropped counts
+  (where the input is below the truth). The first two are chosen by what every predictor sees;
+  the third by the truth: there every count was dropped, so a predictor that ignores the
+  cell's input (the neighbour average) is never misled by it, while one that reads a 0 as
+  evidence of a true 0, as it is for most zeros, is scored only where that evidence misleads.
+  "no denoising" is the corrupted input itself (a dash where it is constant).
 - Why the model is built as it is, one design switch at a time: [learning.md](learning.md).
 """
 
@@ -351,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     if held is not None:
         held_out_baselines(scores, held)
 
-    recon: dict[str, list[float]] = {}
+    recon: dict[str, dict[str, list[float]]] = {}
     seconds, precisions, embeddings = [], set(), {}
     for seed in args.seeds:
         files, took = trained_and_random(args, shards, out / f"seed{seed}", seed)
@@ -363,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         embeddings = embeddings or stim_embeddings  # the picture shows the first seed
         for name, r in denoising(models, stim, gene_shares(models["model"], ctrl),
                                  seed=0).items():
-            recon.setdefault(name, []).append(r)
+            for scope, v in r.items():
+                recon.setdefault(name, {}).setdefault(scope, []).append(v)
         if held is not None:
             if seed == args.seeds[0]:  # every seed's model reads the same genes
                 held_out_model_gene_baselines(scores, held, models["model"])
@@ -490,22 +526,25 @@ def held_out_models(scores: Scores, held: HeldOut, models: dict, precision: str)
 
 
 def _figure(values: list[float]) -> str:
-    """One value, or mean +- sd (every run's value) when the runs differ."""
+    """One value, or mean +- sd (every run's value) when the runs differ; a dash for NaN."""
+    if np.isnan(values).any():
+        return "–"
     if max(values) - min(values) < 5e-4:
         return f"{values[0]:.3f}"
     runs = " / ".join(f"{v:.3f}" for v in values)
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f} ({runs})"
 
 
-def format_table(scores: Scores, recon: dict[str, list[float]]) -> str:
+def format_table(scores: Scores, recon: dict[str, dict[str, list[float]]]) -> str:
     settings = list(dict.fromkeys(s for s, _ in scores.rows))  # each setting's rows together
     rows = sorted(scores.rows.items(), key=lambda kv: settings.index(kv[0][0]))
     lines = ["| setting | method | accuracy | macro-F1 |", "|---|---|---:|---:|"]
     lines += [f"| {s} | {m} | {_figure([r[0] for r in runs])} | "
               f"{_figure([r[1] for r in runs])} |" for (s, m), runs in rows]
-    lines += ["", "| denoising, STIM cells (Pearson of log2(1 + count) at dropped counts) | "
-              "Pearson |", "|---|---:|"]
-    lines += [f"| {name} | {_figure(r)} |" for name, r in recon.items()]
+    lines += ["", "| denoising, STIM cells: Pearson of log2(1 + count) | "
+              + " | ".join(DENOISING_SCOPES) + " |", "|---|" + "---:|" * len(DENOISING_SCOPES)]
+    lines += [f"| {name} | " + " | ".join(_figure(r[scope]) for scope in DENOISING_SCOPES)
+              + " |" for name, r in recon.items()]
     return "\n".join(lines)
 
 

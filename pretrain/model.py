@@ -70,6 +70,10 @@ class ModelConfig:
     # initial gain of the neighbour component's norm (0: it starts switched off and grows only
     # as far as it helps)
     neighbour_scale_init: float = 0.0
+    # what the neighbour branch reads as each neighbour's distance: raw (the PCA distance, ~10
+    # next to log counts of ~1, and not comparable between datasets) or relative (divided by
+    # the mean distance of the cell's present neighbours, ~1)
+    neighbour_distance: str = "raw"
     pooled_readout: bool = True  # the cell tokens start from the normalised mean of the gene states
     # how that mean weighs the genes: attention (a learned score per gene state, softmax over
     # the cell's genes; uniform at initialisation) or uniform. Attention lets the readout
@@ -96,6 +100,9 @@ class ModelConfig:
         if self.pooled_weights not in ("uniform", "attention"):
             raise ValueError(f"ModelConfig.pooled_weights: {self.pooled_weights!r} not in "
                              "uniform, attention")
+        if self.neighbour_distance not in ("raw", "relative"):
+            raise ValueError(f"ModelConfig.neighbour_distance: {self.neighbour_distance!r} not "
+                             "in raw, relative")
         if self.mean_scale not in ("context", "library"):
             raise ValueError(f"ModelConfig.mean_scale: {self.mean_scale!r} not in context, library")
         if self.d_model % self.n_heads:
@@ -361,6 +368,11 @@ class ScPrintModel(nn.Module):
         # Float inputs follow the parameters' dtype (a bf16-cast model gets bf16 values).
         dtype = self.cell_tokens.dtype
         x_self = torch.log2(1 + input_counts.float()).to(dtype)
+        if self.cfg.neighbour_distance == "relative":
+            present = nbr_mask.bool()
+            dist = torch.where(present, nbr_dist.float(), 0.0)
+            mean = dist.sum(1, keepdim=True) / present.sum(1, keepdim=True).clamp(min=1)
+            nbr_dist = torch.where(present, dist / mean.clamp(min=1e-6), 0.0)
         parts = (self.gene_embedding(gene_ids), self.expression(x_self.unsqueeze(-1)),
                  self.neighbours(x_self, torch.log2(1 + nbr_counts.float()).to(dtype),
                                  nbr_dist.to(dtype), nbr_mask))

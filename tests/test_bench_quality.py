@@ -32,15 +32,19 @@ def test_table_gives_mean_sd_and_every_seed_and_keeps_settings_together(bq):
     scores.add("(b)", "baseline", np.array(["a", "a", "a", "a"]), truth)
     for pred in (["a", "a", "b", "b"], ["a", "b", "b", "b"]):  # two seeds of a model
         scores.add("(a)", "model", np.array(pred), truth)
-    lines = bq.format_table(scores, {"model": [0.5, 0.7], "mean": [0.6]}).splitlines()
+    every, zero, dropped = bq.DENOISING_SCOPES
+    recon = {"model": {every: [0.5, 0.7], zero: [0.1, 0.1], dropped: [0.2, 0.3]},
+             "no denoising": {every: [0.6], zero: [float("nan")], dropped: [0.4]}}
+    lines = bq.format_table(scores, recon).splitlines()
     rows = [line for line in lines if line.startswith("| (")]
     assert [r.split(" | ")[0:2] for r in rows] == [["| (a)", "baseline"], ["| (a)", "model"],
                                                    ["| (b)", "baseline"]]
     assert rows[0].split(" | ")[2] == "0.750"  # one run: its value alone
     # two runs, accuracy 1.0 and 0.75: mean, sample sd, then each seed's value
     assert rows[1].split(" | ")[2] == f"0.875 ± {np.std([1.0, 0.75], ddof=1):.3f} (1.000 / 0.750)"
-    assert "| model | 0.600 ± 0.141 (0.500 / 0.700) |" in lines
-    assert "| mean | 0.600 |" in lines
+    assert ("| model | 0.600 ± 0.141 (0.500 / 0.700) | 0.100 | 0.250 ± 0.071 (0.200 / 0.300) |"
+            in lines)
+    assert "| no denoising | 0.600 | – | 0.400 |" in lines  # NaN: constant over the scope
 
 
 def test_a_finished_run_is_reused_only_by_the_same_command(bq, tmp_path, monkeypatch):
@@ -85,9 +89,9 @@ def test_held_out_baselines_on_the_models_genes_see_only_the_genes_it_reads(bq, 
     assert expected != all_genes  # the other 12,053 genes change the fit
 
 
-def _pbmc_and_model(bq, real_data, tmp_path):
+def _pbmc_and_model(bq, real_data, tmp_path, **settings):
     """200 PBMC cells written to ``tmp_path/cells.h5ad`` and an untrained ``tiny`` model file
-    whose vocabulary holds their first 2,000 genes."""
+    (ModelConfig ``settings`` over the preset) whose vocabulary holds their first 2,000 genes."""
     import anndata
 
     from data_prep.labels import LabelVocab
@@ -101,7 +105,7 @@ def _pbmc_and_model(bq, real_data, tmp_path):
     vocab.add("NCBITaxon:9606", list(pbmc.var_names[:2000]))
     labels = LabelVocab()
     labels.add("cell_type", sorted(pbmc.obs["cell_type"].astype(str).unique()))
-    cfg = ModelConfig.preset("tiny", kernels="reference")
+    cfg = ModelConfig.preset("tiny", kernels="reference", **settings)
     model = ScPrintModel(cfg, vocab.n_ids, labels.n_labels())
     return pbmc, write_model_file(tmp_path / "model.pt", model.state_dict(), cfg, vocab,
                                   labels.class_names(), 64)
@@ -139,16 +143,27 @@ def test_the_page_names_the_precision_the_run_trained_in(bq, tmp_path, ds, preci
     assert bq.trained_precision(tmp_path) == precision
 
 
-def test_denoising_scores_every_predictor_and_each_model_beside_the_neighbour_average(
-        bq, real_data, tmp_path):
+def test_denoising_scores_every_predictor_in_every_scope(bq, real_data, tmp_path):
     from pretrain.export import load_model_file
 
-    pbmc, path = _pbmc_and_model(bq, real_data, tmp_path)
+    # neighbours on from the start, so that taking them away changes the prediction
+    pbmc, path = _pbmc_and_model(bq, real_data, tmp_path, neighbour_scale_init=1.0)
     model = load_model_file(path)
     shares = bq.gene_shares(model, tmp_path / "cells.h5ad")
     r = bq.denoising({"model": model}, tmp_path / "cells.h5ad", shares, seed=0)
     blend = "model and neighbour average, mean of their log2(1 + x)"
-    assert list(r) == ["model", "library-size mean", "neighbour average", blend]
-    assert all(-1 <= v <= 1 for v in r.values())
-    assert r["neighbour average"] > 0.5 > abs(r["model"])  # an untrained model knows nothing
-    assert r[blend] not in (r["model"], r["neighbour average"])
+    alone, smoothed = "model, no neighbours given", "the cell and its neighbours, averaged"
+    none = "no denoising: the corrupted input"
+    assert list(r) == ["model", alone, none, "library-size mean", "neighbour average",
+                       smoothed, blend]
+    every, zero, dropped = bq.DENOISING_SCOPES
+    assert all(list(v) == list(bq.DENOISING_SCOPES) for v in r.values())
+    assert np.isnan(r[none][zero])  # the input is 0 there: no correlation to speak of
+    scored = [x for name, v in r.items() for scope, x in v.items() if (name, scope) != (none, zero)]
+    assert all(-1 <= x <= 1 for x in scored)
+    # an untrained model knows nothing; the neighbours know a lot
+    assert r["neighbour average"][dropped] > 0.5 > abs(r["model"][dropped])
+    # the remaining counts are the cell's own, just thinned: they add to the neighbours'
+    assert r[smoothed][every] > r["neighbour average"][every]
+    assert r[alone][every] != r["model"][every]
+    assert r[blend][dropped] not in (r["model"][dropped], r["neighbour average"][dropped])

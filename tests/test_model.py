@@ -271,6 +271,24 @@ def test_neighbour_part_of_the_gene_token_starts_switched_off():
         tiny(classification="ce")
 
 
+def test_relative_neighbour_distances_do_not_depend_on_the_datasets_scale():
+    """With neighbour_distance = relative the neighbour branch reads each distance over the mean
+    of the cell's present neighbours: scaling a cell's distances (another dataset's PCA) or
+    changing those of absent neighbours changes nothing; raw distances change the output."""
+    batch = make_batch(views=1)
+    scale = torch.tensor([7.0, 0.5, 3.0, 20.0])[:, None]
+    scaled = dict(batch, nbr_dist=batch["nbr_dist"] * scale)
+    absent = dict(batch, nbr_dist=torch.where(batch["nbr_mask"], batch["nbr_dist"], 99.0))
+    relative = tiny(neighbour_scale_init=1.0, neighbour_distance="relative").eval()
+    raw = tiny(neighbour_scale_init=1.0).eval()
+    emb = lambda m, b: m.predict(b)["cell_emb"]
+    torch.testing.assert_close(emb(relative, scaled), emb(relative, batch))
+    torch.testing.assert_close(emb(relative, absent), emb(relative, batch))
+    assert not torch.allclose(emb(raw, scaled), emb(raw, batch))
+    with pytest.raises(ValueError, match="neighbour_distance"):
+        tiny(neighbour_distance="rank")
+
+
 def test_attention_pooled_readout_can_discount_genes():
     """The pooled readout's gene weights start uniform (with a zero score it is the uniform
     mean exactly) and are learned from the classification loss, so the readout can weigh
