@@ -246,8 +246,8 @@ def denoising(models: dict, h5ad: Path, gene_share: dict[int, float],
 
     first_name, first = next(iter(models.items()))
     alone = f"{first_name}, no neighbours given"
-    names = [*models, alone, "no denoising: the corrupted input", "library-size mean",
-             "neighbour average", "the cell and its neighbours, averaged"]
+    as_is, smoothed = "no denoising: the corrupted input", "the cell and its neighbours, averaged"
+    names = [*models, alone, as_is, "library-size mean", "neighbour average", smoothed]
     # the training corruption on the model's full context, all 6 neighbours, no 100% pass
     corrupt = replace(inference_config(first.train_context, 6, 64, seed), mask_scale=1.1,
                       mask_max=0.8)
@@ -261,10 +261,10 @@ def denoising(models: dict, h5ad: Path, gene_share: dict[int, float],
             batch["gene_ids"].numpy()), dtype=torch.float32) * mask
         present = batch["nbr_mask"].float()[:, :, None]
         nbr_sum = (batch["nbr_counts"].float() * present).sum(1) * mask
-        predicted = {names[-4]: _to_total(own, scale),
+        predicted = {as_is: _to_total(own, scale),
                      "library-size mean": _to_total(share, scale),
                      "neighbour average": _to_total(nbr_sum, scale),
-                     names[-1]: _to_total((own + nbr_sum) / (1 + present.sum(1)), scale)}
+                     smoothed: _to_total((own + nbr_sum) / (1 + present.sum(1)), scale)}
         no_neighbours = dict(batch, nbr_mask=torch.zeros_like(batch["nbr_mask"]))
         with torch.no_grad():
             predicted.update({name: m.model(batch)["pred_mean"] for name, m in models.items()})
