@@ -22,8 +22,11 @@ and interferon-stimulated cells of the same donors):
    after the training corruption: over every context gene, over the genes whose corrupted
    input is 0, and over the counts the corruption dropped). Baselines, each in this run: the
    majority class; logistic regression on log-normalised counts; kNN (k = 15) on 50 PCs of
-   log-normalised counts (PCA fitted on the training cells); for (b) both of these again on
-   only the dataset's genes the model reads; the same model at random initialisation (head,
+   log-normalised counts (PCA fitted on the training cells); both again on each cell's profile
+   averaged with its neighbours' (the graph ``pretrain.embed`` gives the model: what the
+   neighbours tell the model, given to the baselines too); for (b) these on only the dataset's
+   genes the model reads; each model again with no neighbours given (what it makes of the
+   cell's own genes); the same model at random initialisation (head,
    embedding probe, denoising); for denoising, the corrupted input itself, the library-size
    mean (each gene's share of the training cells' counts), the neighbour average and the cell
    averaged with its neighbours (kNN smoothing), and the model given no neighbours. Every
@@ -38,7 +41,11 @@ table gives each model row's mean +- standard deviation and every seed's value, 
 run on ~1,300 cells moves by a few points from seed to seed. The baselines are deterministic.
 
 Nothing leaks: the STIM cells and the held-out dataset are in no shard; the probes and
-baselines fit on the training cells (a) or within folds of the held-out dataset (b).
+baselines fit on the training cells (a) or within folds of the held-out dataset (b). The
+neighbour graph of a file is built from its counts alone (no labels), as a user's would be; it
+is built from all of the file's genes, so on a dataset whose genes the model mostly does not
+know it carries more than the model's genes do: the rows without neighbours, and the baselines
+on neighbour-averaged profiles, show how much.
 """
 
 from __future__ import annotations
@@ -223,6 +230,35 @@ def pca_knn_predict(train_x, train_y, test_x) -> np.ndarray:
     return knn_predict(pca.transform(train_x), train_y, pca.transform(test_x))
 
 
+def model_view(model, path: Path) -> tuple[np.ndarray, np.ndarray, object]:
+    """What ``pretrain.embed`` gives ``model`` of ``path``, every cell in the file's order: each
+    cell's neighbours (int [n_cells, 6], -1 = none; the model's graph settings), whether the
+    model reads each of the file's genes, and the counts of the genes it reads (sparse)."""
+    from pretrain.embed import open_cells
+
+    with open_cells(model, path) as cells:
+        known = cells.col2gid >= 0
+        return cells.nbr_idx.copy(), known, cells.counts[:, known]
+
+
+def neighbour_averaged(x: np.ndarray, nbr_idx: np.ndarray) -> np.ndarray:
+    """Each cell's row of ``x`` averaged with its present neighbours' rows (the cell one of the
+    k + 1): a baseline's view of the same graph the model reads its neighbours from."""
+    total, n = x.astype(np.float32), np.ones((len(x), 1), dtype=np.float32)
+    for column in nbr_idx.T:
+        present = column >= 0
+        total[present] += x[column[present]]
+        n[present] += 1
+    return total / n
+
+
+SHIFT = "(a) CTRL -> STIM"
+AVERAGED = "the cell and its 6 neighbours averaged"
+NO_NEIGHBOURS = ", no neighbours given"  # a model's rows embedded with neighbours=0
+SHIFT_BASELINES = [("logistic regression, log-normalised counts", logreg_predict),
+                   ("kNN on PCA-50", pca_knn_predict)]
+
+
 def majority_predict(train_y, n: int) -> np.ndarray:
     values, counts = np.unique(train_y, return_counts=True)
     return np.full(n, values[counts.argmax()])
@@ -323,6 +359,13 @@ READING = """## How to read it
   scored by 5-fold cross-validation within it (the model's head only where its cell types are
   ones the head knows). Rows naming "the model's N of M genes" give the baselines only the
   genes the model reads of that dataset (those in its vocabulary); the others use all M.
+- Neighbours: `pretrain.embed` gives the model each cell's 6 nearest cells of the same file
+  (the file's own PCA -> kNN graph, built from all its genes, no labels). Rows ending "the
+  cell and its 6 neighbours averaged" give a baseline the same graph (each cell's
+  log-normalised profile averaged with its neighbours'); in the classification table, rows
+  naming "no neighbours given" embed with `neighbours=0` (probe and reference made the same
+  way), so the context holds the cell's own genes only; in the denoising table, that row is
+  the same corrupted batches with the neighbours' counts hidden (the context unchanged).
 - "head" is `obs["predicted_cell_type"]`; "kNN probe" is a 15-NN vote on
   `obsm["X_scpretrain"]`, the general cell token (`pretrain.label_transfer`, what
   `pretrain.embed --reference` gives users); "random init" is the same architecture,
@@ -376,12 +419,10 @@ def main(argv: list[str] | None = None) -> None:
                           args.build_args)
     x_ctrl, y_ctrl = read_counts(ctrl, LABEL)
     x_stim, y_stim = read_counts(stim, LABEL)
-    a = "(a) CTRL -> STIM"
     scores = Scores()
-    scores.add(a, "majority class", majority_predict(y_ctrl, len(y_stim)), y_stim)
-    scores.add(a, "logistic regression, log-normalised counts",
-               logreg_predict(x_ctrl, y_ctrl, x_stim), y_stim)
-    scores.add(a, "kNN on PCA-50", pca_knn_predict(x_ctrl, y_ctrl, x_stim), y_stim)
+    scores.add(SHIFT, "majority class", majority_predict(y_ctrl, len(y_stim)), y_stim)
+    for method, fit in SHIFT_BASELINES:
+        scores.add(SHIFT, method, fit(x_ctrl, y_ctrl, x_stim), y_stim)
     held = held_out_cells(Path(args.held_out), args.held_out_label) if args.held_out else None
     if held is not None:
         held_out_baselines(scores, held)
@@ -393,6 +434,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds.append(took)
         precisions.add(trained_precision(out / f"seed{seed}" / "run"))
         models = {name: load_model_file(f) for name, f in files.items()}
+        if seed == args.seeds[0]:  # every seed's model has the same graph settings
+            shift_neighbour_baselines(scores, models["model"], (ctrl, x_ctrl, y_ctrl),
+                                      (stim, x_stim, y_stim))
         stim_embeddings = score_models(scores, models, ctrl, stim, y_ctrl, y_stim,
                                        args.embed_precision)
         embeddings = embeddings or stim_embeddings  # the picture shows the first seed
@@ -434,22 +478,36 @@ class Scores:
         self.rows.setdefault((setting, method), []).append(accuracy_f1(truth, pred))
 
 
+def shift_neighbour_baselines(scores: Scores, model, train: tuple, test: tuple) -> None:
+    """(a)'s baselines on each cell's profile averaged with its neighbours' (the CTRL cells
+    over the CTRL cells' graph, the STIM cells over theirs, as ``pretrain.embed`` gives them to
+    ``model``); ``train`` and ``test`` are (file, log-normalised counts, labels)."""
+    (ctrl, x_ctrl, y_ctrl), (stim, x_stim, y_stim) = train, test
+    x_ctrl = neighbour_averaged(x_ctrl, model_view(model, ctrl)[0])
+    x_stim = neighbour_averaged(x_stim, model_view(model, stim)[0])
+    for method, fit in SHIFT_BASELINES:
+        scores.add(SHIFT, f"{method}, {AVERAGED}", fit(x_ctrl, y_ctrl, x_stim), y_stim)
+
+
 def score_models(scores: Scores, models: dict, ctrl: Path, stim: Path,
                  y_ctrl: np.ndarray, y_stim: np.ndarray, precision: str) -> dict[str, np.ndarray]:
-    """(a) for each loaded model file: its head and a kNN probe on its embedding (fitted on the
-    CTRL cells' embedding); returns the STIM cells' embeddings."""
-    from pretrain.embed import embed_anndata
+    """(a) for each loaded model file, embedded with its neighbours and without: its head and a
+    kNN probe on its embedding (fitted on the CTRL cells' embedding, made the same way);
+    returns the STIM cells' embeddings (with neighbours)."""
+    from pretrain.embed import DEFAULT_NEIGHBOURS, embed_anndata
 
-    a, embeddings = "(a) CTRL -> STIM", {}
+    embeddings = {}
     for name, model in models.items():
-        e_ctrl = embed_anndata(model, ctrl, precision=precision)
-        e_stim = embed_anndata(model, stim, precision=precision)
-        embeddings[name] = e_stim.obsm["X_scpretrain"]
-        scores.add(a, f"{name}: head", e_stim.obs[f"predicted_{LABEL}"].astype(str).to_numpy(),
-                   y_stim)
-        scores.add(a, f"{name}: kNN probe on the embedding",
-                   knn_predict(e_ctrl.obsm["X_scpretrain"], y_ctrl, e_stim.obsm["X_scpretrain"]),
-                   y_stim)
+        for neighbours, view in ((DEFAULT_NEIGHBOURS, ""), (0, NO_NEIGHBOURS)):
+            e_ctrl = embed_anndata(model, ctrl, precision=precision, neighbours=neighbours)
+            e_stim = embed_anndata(model, stim, precision=precision, neighbours=neighbours)
+            if neighbours:
+                embeddings[name] = e_stim.obsm["X_scpretrain"]
+            scores.add(SHIFT, f"{name}{view}: head",
+                       e_stim.obs[f"predicted_{LABEL}"].astype(str).to_numpy(), y_stim)
+            scores.add(SHIFT, f"{name}{view}: kNN probe on the embedding",
+                       knn_predict(e_ctrl.obsm["X_scpretrain"], y_ctrl,
+                                   e_stim.obsm["X_scpretrain"]), y_stim)
     return embeddings
 
 
@@ -495,34 +553,37 @@ def held_out_baselines(scores: Scores, held: HeldOut) -> None:
 
 def held_out_model_gene_baselines(scores: Scores, held: HeldOut, model) -> None:
     """(b)'s kNN on PCA-50 and logistic regression again, on only the genes ``model`` reads
-    of the dataset (its vocabulary's genes, matched as ``pretrain.embed`` matches them): what
-    the baselines make of the information the model is given. A new dataset shares only part
-    of its genes with the training data; the all-gene baselines use the rest too."""
-    from pretrain.embed import open_cells
-
-    with open_cells(model, held.path) as cells:  # every cell, in the file's order
-        known = cells.col2gid >= 0
-        x = log_normalised(cells.counts[:, known])
+    of the dataset (its vocabulary's genes, matched as ``pretrain.embed`` matches them), alone
+    and averaged over each cell's neighbours (the model's graph): what the baselines make of
+    the information the model is given. A new dataset shares only part of its genes with the
+    training data; the all-gene baselines use the rest too."""
+    nbr_idx, known, counts = model_view(model, held.path)
+    x = log_normalised(counts)
     genes = f"the model's {known.sum():,} of {known.size:,} genes"
-    for method, fit in [(f"kNN on PCA-50, {genes}", pca_knn_predict),
-                        (f"logistic regression, {genes}", logreg_predict)]:
-        scores.add(held.setting, method, _cross_validated(held, fit, x), held.y[held.keep])
+    for features, view in [(x, ""), (neighbour_averaged(x, nbr_idx), f", {AVERAGED}")]:
+        for method, fit in [(f"kNN on PCA-50, {genes}{view}", pca_knn_predict),
+                            (f"logistic regression, {genes}{view}", logreg_predict)]:
+            scores.add(held.setting, method, _cross_validated(held, fit, features),
+                       held.y[held.keep])
 
 
 def held_out_models(scores: Scores, held: HeldOut, models: dict, precision: str) -> None:
-    """(b) for each loaded model file: a cross-validated kNN probe on its embedding, and its
-    head where the dataset's cell types are ones the head knows."""
-    from pretrain.embed import embed_anndata
+    """(b) for each loaded model file, embedded with its neighbours and without: a
+    cross-validated kNN probe on its embedding, and its head where the dataset's cell types
+    are ones the head knows."""
+    from pretrain.embed import DEFAULT_NEIGHBOURS, embed_anndata
 
     truth = held.y[held.keep]
     for name, model in models.items():
-        embedded = embed_anndata(model, held.path, precision=precision)
-        scores.add(held.setting, f"{name}: kNN probe on the embedding",
-                   _cross_validated(held, knn_predict, embedded.obsm["X_scpretrain"]), truth)
-        if set(held.y) & set(model.labels[LABEL]):  # its cell types are ones the head knows
-            scores.add(held.setting, f"{name}: head",
-                       embedded.obs[f"predicted_{LABEL}"].astype(str).to_numpy()[held.keep],
-                       truth)
+        for neighbours, view in ((DEFAULT_NEIGHBOURS, ""), (0, NO_NEIGHBOURS)):
+            embedded = embed_anndata(model, held.path, precision=precision,
+                                     neighbours=neighbours)
+            scores.add(held.setting, f"{name}{view}: kNN probe on the embedding",
+                       _cross_validated(held, knn_predict, embedded.obsm["X_scpretrain"]), truth)
+            if set(held.y) & set(model.labels[LABEL]):  # cell types the head knows
+                scores.add(held.setting, f"{name}{view}: head",
+                           embedded.obs[f"predicted_{LABEL}"].astype(str).to_numpy()[held.keep],
+                           truth)
 
 
 def _figure(values: list[float]) -> str:

@@ -77,16 +77,63 @@ def test_held_out_baselines_on_the_models_genes_see_only_the_genes_it_reads(bq, 
     pbmc, path = _pbmc_and_model(bq, real_data, tmp_path)
     held = bq.held_out_cells(tmp_path / "cells.h5ad", "cell_type")
     scores = bq.Scores()
-    bq.held_out_model_gene_baselines(scores, held, load_model_file(path))
+    model = load_model_file(path)
+    bq.held_out_model_gene_baselines(scores, held, model)
     genes = f"the model's 2,000 of {pbmc.n_vars:,} genes"
-    assert list(scores.rows) == [(held.setting, f"kNN on PCA-50, {genes}"),
-                                 (held.setting, f"logistic regression, {genes}")]
+    averaged = f"{genes}, {bq.AVERAGED}"
+    assert list(scores.rows) == [(held.setting, f"{method}, {view}")
+                                 for view in (genes, averaged)
+                                 for method in ("kNN on PCA-50", "logistic regression")]
     x = bq.log_normalised(pbmc.X[:, :2000])
     truth = held.y[held.keep]
     expected = bq.accuracy_f1(truth, bq._cross_validated(held, bq.logreg_predict, x))
     assert scores.rows[(held.setting, f"logistic regression, {genes}")] == [expected]
     all_genes = bq.accuracy_f1(truth, bq._cross_validated(held, bq.logreg_predict, held.x))
     assert expected != all_genes  # the other 12,053 genes change the fit
+    # the averaged rows read the graph pretrain.embed gives the model: 6 neighbours a cell
+    nbr_idx, known, _ = bq.model_view(model, held.path)
+    assert nbr_idx.shape == (200, 6) and (nbr_idx >= 0).all() and known.sum() == 2000
+    smoothed = bq.accuracy_f1(truth, bq._cross_validated(
+        held, bq.logreg_predict, bq.neighbour_averaged(x, nbr_idx)))
+    assert scores.rows[(held.setting, f"logistic regression, {averaged}")] == [smoothed]
+    assert smoothed != expected
+
+
+def test_neighbour_averaged_takes_the_cell_and_its_present_neighbours(bq):
+    """Each row is the mean of the cell's row and its neighbours' rows; -1 (no neighbour)
+    leaves the neighbour out of the mean; the input is not changed."""
+    x = np.array([[0.0, 3.0], [3.0, 0.0], [6.0, 6.0]], dtype=np.float32)
+    nbr_idx = np.array([[1, 2], [0, -1], [-1, -1]])
+    before = x.copy()
+    np.testing.assert_allclose(bq.neighbour_averaged(x, nbr_idx),
+                               [[3.0, 3.0], [1.5, 1.5], [6.0, 6.0]])
+    np.testing.assert_array_equal(x, before)
+
+
+def test_models_are_scored_with_and_without_their_neighbours(bq, real_data, tmp_path):
+    """(a) and (b) score every model twice: with the 6 neighbours pretrain.embed gives it, and
+    with none (neighbours=0); a model that reads its neighbours then embeds the cells apart."""
+    from pretrain.export import load_model_file
+
+    pbmc, path = _pbmc_and_model(bq, real_data, tmp_path, neighbour_scale_init=1.0)
+    models = {"model": load_model_file(path)}
+    cells, y = tmp_path / "cells.h5ad", pbmc.obs["cell_type"].astype(str).to_numpy()
+    scores = bq.Scores()
+    embeddings = bq.score_models(scores, models, cells, cells, y, y, "fp32")
+    held = bq.held_out_cells(cells, "cell_type")
+    bq.held_out_models(scores, held, models, "fp32")
+    a, b = bq.SHIFT, held.setting
+    assert list(scores.rows) == [
+        (a, "model: head"), (a, "model: kNN probe on the embedding"),
+        (a, "model, no neighbours given: head"),
+        (a, "model, no neighbours given: kNN probe on the embedding"),
+        (b, "model: kNN probe on the embedding"), (b, "model: head"),
+        (b, "model, no neighbours given: kNN probe on the embedding"),
+        (b, "model, no neighbours given: head")]
+    from pretrain.embed import embed_anndata
+
+    alone = embed_anndata(models["model"], cells, precision="fp32", neighbours=0)
+    assert not np.allclose(embeddings["model"], alone.obsm["X_scpretrain"], atol=1e-4)
 
 
 def _pbmc_and_model(bq, real_data, tmp_path, **settings):

@@ -117,12 +117,18 @@ def test_eval_statistics_match_a_direct_computation():
     acc.add(batch, out)
     acc.all_reduce()  # no process group: the sums stay
     m = acc.metrics()
-    corrupted = batch["gene_mask"] & ((batch["input_counts"] != batch["counts"])
-                                      | batch["zeroed"][:, None])
-    x = torch.log2(1 + pred[corrupted]).double()
-    y = torch.log2(1 + batch["counts"][corrupted]).double()
-    pearson = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
-    assert m["eval/recon_pearson"] == pytest.approx(pearson, rel=1e-9)
+    context = batch["gene_mask"]
+    scopes = {"context": context, "input_zero": context & (batch["input_counts"] == 0),
+              "dropped": context & ((batch["input_counts"] != batch["counts"])
+                                    | batch["zeroed"][:, None])}
+    sizes = {n: int(w.sum()) for n, w in scopes.items()}
+    assert sizes["context"] > max(sizes["input_zero"], sizes["dropped"]) > 1
+    assert not torch.equal(scopes["input_zero"], scopes["dropped"])  # three different sets
+    for scope, where in scopes.items():
+        x = torch.log2(1 + pred[where]).double()
+        y = torch.log2(1 + batch["counts"][where]).double()
+        pearson = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+        assert m[f"eval/recon_pearson/{scope}"] == pytest.approx(pearson, rel=1e-9)
     assert m["eval/loss"] == 3.0
     assert m["eval/cell_type_accuracy"] == pytest.approx(3 / 5)
     # F1 = 2 tp / (predicted + true) per label, over the known cells:

@@ -145,7 +145,8 @@ def test_tensorboard_tags(reference_run):
                 "opt/grad_norm", "perf/cells_per_s", "perf/tokens_per_s", "perf/mfu",
                 "memory/rss_gib/rank0", "memory/rss_gib/rank1", "memory/param_mib/rank0",
                 "memory/optim_mib/rank1",
-                "data/corrupt_shards", "eval/loss", "eval/recon_pearson",
+                "data/corrupt_shards", "eval/loss", "eval/recon_pearson/context",
+                "eval/recon_pearson/input_zero", "eval/recon_pearson/dropped",
                 "eval/cell_type_accuracy", "eval/cell_type_macro_f1", "eval/organism_accuracy"]:
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert [s for s, _ in scalars["loss/total"]] == [1, 2, 3, 4, 5, 6]
@@ -155,7 +156,8 @@ def test_tensorboard_tags(reference_run):
     assert all(np.isfinite(v) and v > 0 for _, v in scalars["perf/cells_per_s"])
     assert all(0 < v < 1 for _, v in scalars["perf/mfu"])
     assert all(0.05 < v < 24 for _, v in scalars["memory/rss_gib/rank1"])
-    assert all(-1 <= v <= 1 for _, v in scalars["eval/recon_pearson"])
+    assert all(-1 <= v <= 1 for scope in ("context", "input_zero", "dropped")
+               for _, v in scalars[f"eval/recon_pearson/{scope}"])
     saved = sorted(p.name for p in (reference_run / "checkpoints").iterdir() if p.is_dir())
     assert saved == ["step00000003", "step00000006"]
 
