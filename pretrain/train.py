@@ -580,13 +580,22 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
 
+    def close(self) -> None:
+        """Release the run in a known order, every rank together: the engine (ZeRO-3's parameter
+        hooks and gathered-parameter state), the data stream, then the process group. Left to
+        interpreter teardown, they go in whatever order the garbage collector picks, while the
+        other ranks are leaving."""
+        self.engine.destroy()
+        self.batches = None
+        dist.barrier()
+        dist.destroy_process_group()
+
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_train_config(argv)
     trainer = Trainer(cfg)
     trainer.fit()
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer.close()
 
 
 if __name__ == "__main__":

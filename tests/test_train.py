@@ -51,7 +51,7 @@ COMMON = ["--model", "tiny", "--context", str(CONTEXT), "--batch-size", "4", "--
 
 def _env(repo: Path) -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               NUMBA_CACHE_DIR=str(repo / ".numba_cache"), PYTHONUNBUFFERED="1")
+               NUMBA_CACHE_DIR=str(repo / ".numba_cache"), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     env.pop("TRITON_INTERPRET", None)  # CPU tensors take the PyTorch path; no slow interpreter
     return env
 
