@@ -65,8 +65,10 @@ class EvalAccumulator:
         dropped = (batch["input_counts"] != batch["counts"]) | batch["zeroed"][:, None]
         w = torch.stack([context, context & (batch["input_counts"] == 0),
                          context & dropped]).flatten(1).double()  # [scope, position]
-        x = torch.log2(1 + out["pred_mean"].detach().float()).flatten().double()
-        y = torch.log2(1 + batch["counts"].float()).flatten().double()
+        # zero outside the context: a row without genes predicts NaN there, and 0 * NaN is NaN
+        x = torch.where(context, torch.log2(1 + out["pred_mean"].detach().float()), 0)
+        y = torch.where(context, torch.log2(1 + batch["counts"].float()), 0)
+        x, y = x.flatten().double(), y.flatten().double()
         self.recon += torch.stack([w.sum(1), w @ x, w @ y, w @ (x * x), w @ (y * y),
                                    w @ (x * y)], dim=1)
         for c, stats in self.cls.items():

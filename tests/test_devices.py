@@ -111,6 +111,8 @@ def test_eval_statistics_match_a_direct_computation():
     logits = torch.zeros(6, 4)
     logits[torch.arange(6), torch.tensor([0, 1, 2, 2, 0, 1])] = 1.0  # 3 of 5 known right
     pred = torch.rand(6, 10) * 5
+    assert not batch["gene_mask"].all()
+    pred[~batch["gene_mask"]] = float("nan")  # what a row without genes predicts: ignored
     out = {"loss": torch.tensor(3.0), "losses": {}, "pred_mean": pred,
            "class_logits": {"cell_type": logits}}
     acc = EvalAccumulator({"cell_type": 4})

@@ -51,7 +51,8 @@ COMMON = ["--model", "tiny", "--context", str(CONTEXT), "--batch-size", "4", "--
 
 def _env(repo: Path) -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-               NUMBA_CACHE_DIR=str(repo / ".numba_cache"), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
+               NUMBA_CACHE_DIR=str(repo / ".numba_cache"), PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")  # a rank killed by a signal prints where it was
     env.pop("TRITON_INTERPRET", None)  # CPU tensors take the PyTorch path; no slow interpreter
     return env
 
