@@ -45,8 +45,8 @@ def record(head: bytes | memoryview, body: bytes) -> bytes:
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def _fill_batch(buf, starts, k_ask, k_full, zeroed, p, seed, gene_ids, gene_mask, expressed, counts,
-          inputs, nbr_counts, nbr_dist, nbr_mask):
+def _fill_batch(buf, starts, k_ask, k_full, pad_alone, zeroed, p, seed, gene_ids, gene_mask,
+                expressed, counts, inputs, nbr_counts, nbr_dist, nbr_mask):
     """Every output row of the batch whose records lie at ``starts`` in ``buf``.
 
     Per cell: its counts and gene ids decoded; context positions by partial Fisher-Yates over the
@@ -87,8 +87,9 @@ def _fill_batch(buf, starts, k_ask, k_full, zeroed, p, seed, gene_ids, gene_mask
             prev += np.int64(v >> np.uint64(1)) ^ -np.int64(v & np.uint64(1))
             gid[j] = prev
         at = ne + ng  # the next neighbour value
+        give = min(nn, k_full if zeroed[i] else k_ask)
         m = min(L, ne)
-        w = m + min(L - m, npd)
+        w = m + min(L - m, npd) if give > 0 or pad_alone else m
         s = mix(seed + np.uint64(i + 1) * GOLDEN)
         for j in range(ne):
             scratch[j] = j
@@ -109,7 +110,6 @@ def _fill_batch(buf, starts, k_ask, k_full, zeroed, p, seed, gene_ids, gene_mask
         gene_mask[i, w:] = False
         counts[i, m:] = 0
         expressed[i, m:] = False
-        give = min(nn, k_full if zeroed[i] else k_ask)
         for k in range(K):
             if k >= give:
                 nbr_counts[i, k] = 0
@@ -172,8 +172,8 @@ class BatchBuilder:
         nbr_counts = np.empty((B, MAX_NEIGHBOURS, L), dtype=np.float32)
         nbr_dist = np.empty((B, MAX_NEIGHBOURS), dtype=np.float32)
         nbr_mask = np.empty((B, MAX_NEIGHBOURS), dtype=bool)
-        _fill_batch(buf, starts, k, cfg.max_neighbours, zeroed, p, seed, gene_ids, gene_mask,
-              expressed, counts, inputs, nbr_counts, nbr_dist, nbr_mask)
+        _fill_batch(buf, starts, k, cfg.max_neighbours, cfg.pad_alone, zeroed, p, seed, gene_ids,
+                    gene_mask, expressed, counts, inputs, nbr_counts, nbr_dist, nbr_mask)
         batch = {
             "gene_ids": gene_ids,
             "gene_mask": gene_mask,

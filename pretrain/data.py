@@ -55,6 +55,7 @@ class DataConfig:
     short_context_min: int = 800
     max_neighbours: int = MAX_NEIGHBOURS
     n_neighbours: int | None = None  # None: uniform in 0..max_neighbours per batch
+    pad_alone: bool = True  # a cell given no neighbours is still padded with its neighbours' genes
     mask_scale: float = 1.1  # per cell p = mask_scale * U(0, mask_max)
     mask_max: float = 0.8
     full_pass_prob: float = 0.1  # cells whose own input is zeroed and get all neighbours

@@ -564,6 +564,28 @@ def test_batch_contract_and_context_sampling(shards, by_id):
     assert 0 < n_zeroed < len(batches) * B
 
 
+@pytest.mark.parametrize("pad_alone", [True, False])
+def test_padding_of_a_cell_given_no_neighbours(shards, by_id, pad_alone):
+    # Padding genes are those the neighbours express: without pad_alone a cell given none of its
+    # neighbours gets none of their genes either (its context ends with its own expressed genes);
+    # a full-pass cell (own input zeroed, all neighbours given) keeps them.
+    cfg = _cfg(shards, context=2048, short_context_prob=0.0, n_neighbours=0, full_pass_prob=0.3,
+               pad_alone=pad_alone)
+    seen = {True: 0, False: 0}
+    for b in itertools.islice(iter(CellBatches(cfg)), 12):
+        for i, sid in enumerate(b["sample_id"].tolist()):
+            s = by_id[sid]
+            zeroed = bool(b["zeroed"][i])
+            if s.gene_ids.shape[0] <= s.n_expr or s.n_expr >= cfg.context:
+                continue  # no padding genes to give
+            padded = pad_alone or (zeroed and s.nbr_dist.shape[0] > 0)
+            w = min(cfg.context, s.gene_ids.shape[0] if padded else s.n_expr)
+            assert int(b["gene_mask"][i].sum()) == w and not b["gene_ids"][i, w:].any()
+            assert int(b["nbr_mask"][i].sum()) == (min(6, s.nbr_dist.shape[0]) if zeroed else 0)
+            seen[zeroed] += 1
+    assert seen[True] > 0 and seen[False] > 0
+
+
 def test_context_subsamples_without_replacement_uniformly(shards, by_id):
     # Cells with more expressed genes than the context: L distinct expressed genes, random order.
     cfg = _cfg(shards, context=64, short_context_min=64, n_neighbours=0, batch_size=16)
