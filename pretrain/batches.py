@@ -50,11 +50,12 @@ def _fill_batch(buf, starts, k_ask, k_full, pad_alone, zeroed, p, seed, gene_ids
     """Every output row of the batch whose records lie at ``starts`` in ``buf``.
 
     Per cell: its counts and gene ids decoded; context positions by partial Fisher-Yates over the
-    expressed genes, then the top padding genes (a contiguous run); the cell's and its given
-    neighbours' counts gathered there (a neighbour's are decoded only when it is given); the
-    corruption of each view. All randomness comes from the cell's own SplitMix64 stream keyed by
-    (``seed``, batch row). Outputs are written whole (padding included), so they may be
-    allocated with ``np.empty``. Reads stay inside each record's body whatever its bytes."""
+    expressed genes, then the top padding genes (a contiguous run; none for a cell given no
+    neighbours unless ``pad_alone``); the cell's and its given neighbours' counts gathered there
+    (a neighbour's are decoded only when it is given); the corruption of each view. All
+    randomness comes from the cell's own SplitMix64 stream keyed by (``seed``, batch row).
+    Outputs are written whole (padding included), so they may be allocated with ``np.empty``.
+    Reads stay inside each record's body whatever its bytes."""
     u32, f32 = buf.view(np.uint32), buf.view(np.float32)
     L, V, K = gene_ids.shape[1], inputs.shape[0], nbr_counts.shape[1]
     need, body_max = 1, 1
