@@ -27,6 +27,8 @@ Without CUDA it runs one small configuration through the Triton interpreter for 
 an H100 SXM, and says so. Run: `python benchmarks/bench_kernels.py` (benchmarks/gpu_check.sh
 runs these rows at N = 1,024 and 3,200 as part of its GPU check).
 
+`--sweep-tiles` (GPU) times each criss-cross kernel's candidate tiles in place (TILE_CANDIDATES).
+
 `--compile-check` compiles the criss-cross kernels' GPU launch configurations and the DeepSet
 encoder's kernels at the presets' widths for an H100/H200 (sm_90) with the Triton compiler alone
 (no device) and prints registers and spill bytes per thread.
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
 COMPILE_CHECK = "--compile-check" in sys.argv
+SWEEP_TILES = "--sweep-tiles" in sys.argv
 if not CUDA and not COMPILE_CHECK:
     # Without a GPU the kernels can only run through the Triton interpreter; set before importing.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -208,6 +211,59 @@ def bench_criss_cross_gpu(configs=GPU_CONFIGS) -> list[dict]:
     return rows
 
 
+# (BLOCK_Q, BLOCK_K, num_warps, num_stages) tried per kernel by --sweep-tiles (rows: N, kernel,
+# BLOCK_Q, BLOCK_K, warps, stages, pass_ms); the first of each is what kernels/criss_cross.py
+# launches at D = 64 in bf16.
+TILE_CANDIDATES = {
+    "forward": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)],
+    "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
+    "dkdv": [(32, 64, 4, 3), (32, 64, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2),
+             (16, 64, 4, 2)],
+}
+
+
+def sweep_tiles(cfg: CrissCrossConfig = CrissCrossConfig(16, 8, 3200, 200, 64, torch.bfloat16)):
+    """Each kernel's candidate tiles (TILE_CANDIDATES) timed in place, one row at a time: the
+    whole criss-cross forward (both directions) for the forward kernel's, the whole backward of a
+    retained graph for the dq and dK/dV kernels' (the other kernels keep their tiles). A tile
+    the device cannot run (shared memory, registers) is a row with its error."""
+    import triton.testing
+
+    chosen = cc._launch_options
+    tensors, mask = make_inputs(cfg, "cuda")
+    outs = criss_cross_attention(*tensors, mask)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def forward():
+        with torch.no_grad():
+            criss_cross_attention(*tensors, mask)
+
+    def backward():
+        torch.autograd.backward(outs, grads, retain_graph=True)
+        for t in tensors:
+            t.grad = None
+
+    for kernel, candidates in TILE_CANDIDATES.items():
+        for tile in candidates:
+            def options(dtype, d, name, kernel=kernel, tile=tile):
+                opts = chosen(dtype, d, name)
+                if name == kernel:
+                    opts.update(zip(("BLOCK_Q", "BLOCK_K", "num_warps", "num_stages"), tile))
+                return opts
+
+            row = {"N": cfg.n_genes, "kernel": kernel,
+                   **dict(zip(("BLOCK_Q", "BLOCK_K", "warps", "stages"), tile))}
+            cc._launch_options = options
+            try:
+                row["pass_ms"] = triton.testing.do_bench(
+                    forward if kernel == "forward" else backward)
+            except Exception as e:  # a tile too large for the device
+                row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            finally:
+                cc._launch_options = chosen
+            yield row
+
+
 def correctness_cpu(cfg: CrissCrossConfig = CPU_CONFIG) -> list[dict]:
     """Max |error| / max |float64 value| of outputs and gradients, kernel and reference."""
     tensors, mask = make_inputs(cfg, "cpu")
@@ -291,15 +347,17 @@ def compile_check() -> list[dict]:
     for dtype, d in [(torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
                      (torch.float32, 64)]:
         e = PRECISION_OF[dtype]
-        for kernel, backward in ((cc._attn_fwd, False), (cc._attn_bwd, True)):
-            opts = cc._launch_options(dtype, d, backward)
+        for name, kernel in (("forward", cc._attn_fwd), ("dq", cc._attn_bwd_dq),
+                             ("dkdv", cc._attn_bwd_dkdv)):
+            opts = cc._launch_options(dtype, d, name)
             launch = {k: opts.pop(k) for k in ("num_warps", "num_stages")}
-            const = opts | {"D": d, "HAS_MASK": True} | ({"DQ_ATOMIC": True} if backward else {})
-            inputs = ("Q", "K", "V", "O", "DO") if backward else ("Q", "K", "V")
-            types = {n: e for n in inputs} | {n: "fp32" for n in ("LSE", "DQ", "DK", "DV")}
-            types |= {"KMASK": "u8"} | ({} if backward else {"O": "fp32"})
-            rows.append({"kernel": "backward" if backward else "forward", "dtype": e, "D": d,
-                         "BLOCK_Q": const["BLOCK_Q"], "BLOCK_K": const["BLOCK_K"],
+            const = opts | {"D": d, "HAS_MASK": True}
+            # inputs in the dtype; saved statistics and split partials in fp32
+            types = {n: e for n in ("Q", "K", "V", "O", "DO")}
+            types |= {n: "fp32" for n in ("LSE", "DELTA", "DQ", "DK", "DV")}
+            types |= {"KMASK": "u8"} | ({"O": "fp32"} if name == "forward" else {})
+            rows.append({"kernel": name, "dtype": e, "D": d, "BLOCK_Q": const["BLOCK_Q"],
+                         "BLOCK_K": const["BLOCK_K"],
                          **_compile_sm90(kernel, types, const, launch)})
     return rows
 
@@ -336,6 +394,14 @@ def main() -> None:
         print(format_rows(compile_check()))
         print("\nDeepSet encoder kernels compiled for sm_90 (N = 3,200, K = 6 neighbours):")
         print(format_rows(compile_check_deepset()))
+        return
+    if SWEEP_TILES:
+        if not CUDA:
+            sys.exit("--sweep-tiles times kernels: it needs a CUDA device")
+        print(f"Criss-cross tiles on {torch.cuda.get_device_name()} (ms of the whole pass; "
+              "B=16, H=8, N=3,200, M=200, D=64, bf16):", flush=True)
+        for row in sweep_tiles():
+            print(format_rows([row]).splitlines()[-1], flush=True)
         return
     if CUDA:
         peak = device_peak("cuda", "bf16")

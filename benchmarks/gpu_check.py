@@ -7,13 +7,14 @@ after every part (a run stopped by a time limit keeps what it did), and at the e
 figures as markdown tables, the device named, and writes them to ``OUT/gpu_check.md``
 (``--report-from OUT/gpu_check.json`` writes them from the JSON alone).
 
-On a GPU (about 6 minutes on one H100/H200):
+On a GPU (about 7 minutes on one H200; ``--parts`` and ``--train-runs`` run a subset):
 - kernel correctness: the criss-cross kernels in bf16 and fp32 against float64 math, forward and
   all six gradients, at the small and large presets' head shapes (N = 3,200, M = 200) in the
   model's layouts (q, k, v strided views of one fused projection; latents expanded along the
-  batch with stride 0; padded rows, a row with one real gene, a row with none);
-- determinism: two backward passes bitwise equal, with deterministic algorithms on (no atomics)
-  and, for information, with the default atomic dQ;
+  batch with stride 0; padded rows, a row with one real gene, a row with none); each tensor
+  within the tolerance or within twice the error of PyTorch's SDPA in the same dtype;
+- determinism: two backward passes bitwise equal, with torch's deterministic algorithms on and
+  off (the kernels use no atomics);
 - the trainer: ``small`` at the 3,200 context, one GPU, 30 steps (checkpoint and evaluation
   every 15). Criss-cross with ``--deterministic``:
   an uninterrupted run, and a run killed (SIGTERM to its process group) after its mid-run
@@ -49,6 +50,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +59,8 @@ CPU_MODE = "--cpu" in sys.argv[1:]
 if CPU_MODE:  # must precede any import of the kernels
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+else:  # cuBLAS under deterministic algorithms (the repeated-backward check) needs it at init
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -79,7 +83,8 @@ def settings(cpu: bool) -> dict:
             dtypes=(torch.float32, torch.bfloat16),
             shards=["--context-genes", "256", "--stream-size", "600", "--shard-samples", "150"],
             train=dict(model="tiny", context=256, batch=4, steps=4, every=2, eval_batches=1,
-                       precision="fp32", full_steps=2, other_precision=None),
+                       precision="fp32", full_steps=2, other_precision=None,
+                       launch_timeout_s=300),
             embed_cells=300,
         )
     return dict(
@@ -87,7 +92,8 @@ def settings(cpu: bool) -> dict:
         dtypes=(torch.float32, torch.bfloat16),
         shards=["--context-genes", "3200", "--stream-size", "1500", "--shard-samples", "300"],
         train=dict(model="small", context=3200, batch=30, steps=30, every=15, eval_batches=4,
-                   precision="bf16-mixed", full_steps=30, other_precision="bf16"),
+                   precision="bf16-mixed", full_steps=30, other_precision="bf16",
+                   launch_timeout_s=150),
         embed_cells=None,  # all 2,800
     )
 
@@ -130,6 +136,11 @@ def run_attention(fn, leaves, mask, b, h, d_out):
 NAMES = ["out_x", "out_z", "dq_x", "dk_x", "dv_x", "dq_z", "dk_z", "dv_z"]
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (want in float64)."""
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
 def kernel_correctness(cfg: dict, device) -> list[dict]:
     from kernels import criss_cross_attention, reference_criss_cross_attention
 
@@ -143,15 +154,21 @@ def kernel_correctness(cfg: dict, device) -> list[dict]:
         for dtype in cfg["dtypes"]:
             leaves, _ = strided_inputs(b, h, n, m, d, dtype, device)
             got = run_attention(criss_cross_attention, leaves, mask, b, h, d_out)
-            errors = {k: ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-6)).item()
-                      for k, g, w in zip(NAMES, got, want)}
+            sdpa = run_attention(reference_criss_cross_attention, leaves, mask, b, h, d_out)
+            errors = {k: relative_error(g, w) for k, g, w in zip(NAMES, got, want)}
+            sdpa_errors = {k: relative_error(g, w) for k, g, w in zip(NAMES, sdpa, want)}
             tol = FP32_TOL if dtype == torch.float32 else HALF_TOL
+            # A gradient that cancels to ~0 in exact math (a row with one real gene: its softmax
+            # is 1, so dS = dP - delta) is ill-conditioned in any fp32 code: the bar is the
+            # tolerance or twice what PyTorch's own SDPA reaches in the same dtype, per tensor.
+            within = all(errors[k] <= max(tol, 2 * sdpa_errors[k]) for k in NAMES)
             finite = all(bool(torch.isfinite(g).all()) for g in got)
             rows.append({"shapes": name, "B": b, "H": h, "N": n, "M": m, "D": d,
                          "dtype": str(dtype).removeprefix("torch."), "tol": tol,
-                         "max_rel_err": max(errors.values()), "ok": finite and max(
-                             errors.values()) <= tol, **errors})
-            del got, leaves
+                         "max_rel_err": max(errors.values()),
+                         "sdpa_max_rel_err": max(sdpa_errors.values()),
+                         "ok": finite and within, **errors})
+            del got, sdpa, leaves
         del want, exact_leaves
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -159,8 +176,8 @@ def kernel_correctness(cfg: dict, device) -> list[dict]:
 
 
 def kernel_determinism(cfg: dict, device) -> dict:
-    """Backward twice on the same inputs: bitwise equal with deterministic algorithms (required)
-    and with the default atomic dQ (reported)."""
+    """Backward twice on the same inputs, with torch's deterministic algorithms on and off: the
+    kernels use no atomics, so both must be bitwise equal."""
     from kernels import criss_cross_attention
 
     name, b, h, n, m, d = cfg["correctness"][0]
@@ -180,7 +197,7 @@ def kernel_determinism(cfg: dict, device) -> dict:
                                                   for x, y in zip(first, second))
     finally:
         torch.use_deterministic_algorithms(before)
-    result["ok"] = result["deterministic_bitwise_equal"]
+    result["ok"] = result["deterministic_bitwise_equal"] and result["default_bitwise_equal"]
     return result
 
 
@@ -248,11 +265,15 @@ def train_command(t: dict, shards: Path, run: Path, attention: str, deterministi
 def launch(cmd: list[str], log: Path, cpu: bool, stop_after: str | None = None,
            timeout: float = 600) -> dict:
     """Run a launch in its own process group; with ``stop_after``, SIGTERM the whole group when
-    a line starting with it appears (a job killed by its scheduler). Returns rc and seconds."""
+    a line starting with it appears (a job killed by its scheduler). A launch still running after
+    ``timeout`` seconds, printing or not (a hung collective prints nothing), is killed and
+    raises TimeoutError. Returns rc and seconds."""
     start = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=_train_env(cpu), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        watchdog = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+        watchdog.start()
         stopped = False
         try:
             for line in proc.stdout:
@@ -260,13 +281,15 @@ def launch(cmd: list[str], log: Path, cpu: bool, stop_after: str | None = None,
                 if stop_after and not stopped and line.startswith(stop_after):
                     os.killpg(proc.pid, signal.SIGTERM)
                     stopped = True
-                if time.perf_counter() - start > timeout:
-                    raise TimeoutError(f"{log.name}: no end after {timeout:.0f} s")
             proc.wait(timeout=60)
         finally:
+            watchdog.cancel()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    if time.perf_counter() - start >= timeout:
+        raise TimeoutError(f"{log.name}: killed after {timeout:.0f} s; end of {log}:\n"
+                           f"{log.read_text()[-2000:]}")
     rc = proc.returncode
     if rc != 0 and not stopped:
         tail = log.read_text()[-3000:]
@@ -297,7 +320,14 @@ def throughput(s: dict) -> dict:
     return out
 
 
-def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float) -> dict:
+PARTS = ("kernels", "trainer", "speed", "deepset", "embed")  # in the order they run
+TRAIN_RUNS = ("criss_cross", "resume", "full", "other_precision")
+
+
+def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float,
+            runs: tuple[str, ...] = TRAIN_RUNS) -> dict:
+    """The trainer's runs named in ``runs`` (TRAIN_RUNS; "resume" is the killed run and its
+    resumption, compared with "criss_cross" when that ran too)."""
     t = cfg["train"]
     result: dict = {"model": t["model"], "context": t["context"], "batch_per_rank": t["batch"],
                     "precision": t["precision"], "zero_stage": 2, "steps": t["steps"],
@@ -305,14 +335,16 @@ def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float) -> 
     half = t["every"]
     work.mkdir(parents=True, exist_ok=True)
     main = t["precision"]
-    plans = [  # name, attention, deterministic, steps, precision, stop after the mid-run ckpt
-        ("criss_cross", "criss_cross", True, t["steps"], main, None),
-        ("criss_cross_killed", "criss_cross", True, t["steps"], main,
-         f"[train] checkpoint step {half}"),
-        ("criss_cross_resumed", "criss_cross", True, t["steps"], main, None),
-        ("full", "full", False, t["full_steps"], main, None),
-    ]
-    if t["other_precision"]:  # what the other bf16 mode costs or saves, same settings
+    plans = []  # name, attention, deterministic, steps, precision, stop after the mid-run ckpt
+    if "criss_cross" in runs:
+        plans.append(("criss_cross", "criss_cross", True, t["steps"], main, None))
+    if "resume" in runs:
+        plans += [("criss_cross_killed", "criss_cross", True, t["steps"], main,
+                   f"[train] checkpoint step {half}"),
+                  ("criss_cross_resumed", "criss_cross", True, t["steps"], main, None)]
+    if "full" in runs:
+        plans.append(("full", "full", False, t["full_steps"], main, None))
+    if "other_precision" in runs and t["other_precision"]:  # the other bf16 mode, same settings
         plans.append((f"criss_cross_{t['other_precision']}", "criss_cross", False,
                       t["full_steps"], t["other_precision"], None))
     for name, attention, deterministic, steps, precision, stop in plans:
@@ -322,7 +354,12 @@ def trainer(cfg: dict, shards: Path, work: Path, cpu: bool, deadline: float) -> 
         resume = name in ("criss_cross_killed", "criss_cross_resumed")  # one run folder
         run = work / ("criss_cross_resume" if resume else name)
         cmd = train_command(t, shards, run, attention, deterministic, steps, precision)
-        info = launch(cmd, work / f"{name}.log", cpu, stop_after=stop)
+        try:
+            info = launch(cmd, work / f"{name}.log", cpu, stop_after=stop,
+                      timeout=t["launch_timeout_s"])
+        except (RuntimeError, TimeoutError) as e:  # the other runs still say what they can
+            result["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
+            continue
         if name == "criss_cross_killed":
             last = sorted(p.name for p in (run / "checkpoints").glob("step*"))
             info["checkpoints_left"] = last
@@ -435,10 +472,12 @@ def report(result: dict) -> str:
                                             f"{dev['memory_gib']:.0f} GiB" if "cuda" in dev
                                             else "")]
     k = result.get("kernels", {})
-    if "correctness" in k:
+    if isinstance(k.get("correctness"), list):
         out += ["", "### Criss-cross kernels vs float64 (max |err| / max |exact|), model layouts",
                 "", table(k["correctness"], ["shapes", "dtype", "N", "M", "H", "D", *NAMES,
-                                             "tol", "ok"])]
+                                             "tol", "sdpa_max_rel_err", "ok"])]
+    elif "correctness" in k:
+        out += ["", f"Kernel correctness: {k['correctness']}"]
     if "determinism" in k:
         out += ["", f"Repeated backward: {k['determinism']}"]
     if isinstance(k.get("speed"), list):
@@ -463,6 +502,7 @@ def report(result: dict) -> str:
         out += [table(rows, ["run", "precision", "seconds", "cells_per_s", "tokens_per_s",
                              "tflops_per_s", "mfu", "cuda_max_gib", "final_loss", "skipped"]), "",
                 f"Resume: {t.get('resume')}"]
+        out += [f"\nRun {n} failed: {r['error']}" for n, r in t["runs"].items() if "error" in r]
     elif t is not None:
         out += ["", f"Trainer: {t}"]
     e = result.get("embed")
@@ -487,19 +527,41 @@ def write_report(result: dict, out: Path) -> None:
 
 
 def verdict(result: dict) -> str:
-    k, t = result.get("kernels", {}), result.get("trainer", {})
-    problems = [f"kernel {r['shapes']} {r['dtype']}" for r in k.get("correctness", [])
-                if not r["ok"]]
-    if not k.get("determinism", {}).get("ok"):
-        problems.append("repeated backward not bitwise equal")
-    resume = t.get("resume") if isinstance(t, dict) else None
-    if not resume or not resume["losses_match_bitwise"]:
-        problems.append("resumed losses differ from the uninterrupted run's")
+    """PASS when every part asked for ran and passed; else what failed or was skipped."""
+    parts = result.get("parts", PARTS)
+    k, t = result.get("kernels", {}), result.get("trainer")
+    problems = []
+    if "kernels" in parts:
+        correctness, determinism = k.get("correctness"), k.get("determinism")
+        if isinstance(correctness, list):
+            problems += [f"kernel {r['shapes']} {r['dtype']}" for r in correctness if not r["ok"]]
+        else:
+            problems.append(f"kernel correctness: {correctness}")
+        if not isinstance(determinism, dict):
+            problems.append(f"kernel determinism: {determinism}")
+        elif not determinism["ok"]:
+            problems.append("repeated backward not bitwise equal")
+    if "trainer" in parts:
+        if not isinstance(t, dict) or "runs" not in t:
+            problems.append(f"trainer: {t.get('error') if isinstance(t, dict) else t}")
+        else:
+            for name, run in t["runs"].items():
+                if "error" in run:
+                    problems.append(f"trainer run {name} failed")
+                elif "skipped" in run:
+                    problems.append(f"trainer run {name} skipped ({run['skipped']})")
+            ran = {n for n, r in t["runs"].items() if not {"error", "skipped"} & set(r)}
+            resume = t.get("resume")
+            if ({"criss_cross", "criss_cross_resumed"} <= ran
+                    and not (resume and resume["losses_match_bitwise"])):
+                problems.append("resumed losses differ from the uninterrupted run's")
     for name, part in (("speed", k.get("speed")), ("deepset", k.get("deepset")),
                        ("embed", result.get("embed"))):
+        if name not in parts:
+            continue
         if isinstance(part, list) and any("error" in r for r in part):
             problems.append(f"{name}: a row failed")
-        elif isinstance(part, str) and part.startswith("error"):
+        elif isinstance(part, str) and not part.startswith("no GPU"):
             problems.append(f"{name}: {part}")
     return "PASS" if not problems else "FAIL: " + "; ".join(problems)
 
@@ -511,6 +573,12 @@ def main() -> int:
     parser.add_argument("--shards", default=None, help="existing shards (default: build them)")
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="start no part after this many seconds")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="run only these parts (e.g. 'kernels speed' after tuning a kernel; "
+                             "embed uses the trainer's criss_cross run)")
+    parser.add_argument("--train-runs", nargs="+", choices=TRAIN_RUNS, default=list(TRAIN_RUNS),
+                        help="the trainer's runs ('resume': killed and resumed, compared with "
+                             "criss_cross)")
     parser.add_argument("--report-from", default=None, metavar="JSON",
                         help="only write the markdown report of an earlier run's gpu_check.json "
                              "(e.g. one stopped by a time limit) beside it")
@@ -527,40 +595,45 @@ def main() -> int:
     deadline = began + args.budget_s
     cfg = settings(args.cpu)
     device = torch.device("cpu" if args.cpu else "cuda")
+    parts = set(args.parts)
     shards = Path(args.shards).resolve() if args.shards else out / "shards"
     shards.parent.mkdir(parents=True, exist_ok=True)
-    builder = None if args.shards else start_shards(cfg, shards, args.cpu)
+    builder = None if args.shards or "trainer" not in parts else start_shards(cfg, shards,
+                                                                              args.cpu)
 
-    result: dict = {"device": device_info(args.cpu), "kernels": {}, "trainer": None}
+    result: dict = {"device": device_info(args.cpu), "parts": args.parts, "kernels": {},
+                    "trainer": None}
     write(result, out)
     k = result["kernels"]
-    k["correctness"] = kernel_correctness(cfg, device)
-    k["determinism"] = kernel_determinism(cfg, device)
-    write(result, out)
-    if builder is not None and builder.wait() != 0:
-        raise RuntimeError(f"building shards failed; see {out / 'build_shards.log'}")
-    try:
-        result["trainer"] = trainer(cfg, shards, out / "runs", args.cpu, deadline)
-    except Exception as e:  # keep the kernel figures; the verdict names the failure
-        result["trainer"] = {"error": f"{type(e).__name__}: {e}"}
-    write(result, out)
-    if args.cpu:
-        k["speed"] = "no GPU: timings need one"
-    elif time.time() > deadline:
-        k["speed"] = "skipped: time budget spent"
-    else:
-        k["speed"] = attempt(kernel_speed)
-    write(result, out)
-    if not args.cpu and time.time() > deadline:
-        k["deepset"] = "skipped: time budget spent"
-    else:
-        k["deepset"] = attempt(deepset_rows, args.cpu)
-    write(result, out)
-    if not args.cpu and time.time() > deadline:
-        result["embed"] = "skipped: time budget spent"
-    else:
-        result["embed"] = attempt(embedding, out / "runs" / "criss_cross", out / "embed", device,
-                                  cfg["embed_cells"])
+
+    def late() -> bool:  # on a GPU, parts after the budget are skipped
+        return not args.cpu and time.time() > deadline
+
+    if "kernels" in parts:
+        k["correctness"] = attempt(kernel_correctness, cfg, device)
+        k["determinism"] = attempt(kernel_determinism, cfg, device)
+        write(result, out)
+    if "trainer" in parts:
+        if builder is not None and builder.wait() != 0:
+            raise RuntimeError(f"building shards failed; see {out / 'build_shards.log'}")
+        try:
+            result["trainer"] = trainer(cfg, shards, out / "runs", args.cpu, deadline,
+                                        tuple(args.train_runs))
+        except Exception as e:  # keep the kernel figures; the verdict names the failure
+            result["trainer"] = {"error": f"{type(e).__name__}: {e}"}
+        write(result, out)
+    if "speed" in parts:
+        k["speed"] = ("no GPU: timings need one" if args.cpu else
+                      "skipped: time budget spent" if late() else attempt(kernel_speed))
+        write(result, out)
+    if "deepset" in parts:
+        k["deepset"] = ("skipped: time budget spent" if late() else
+                        attempt(deepset_rows, args.cpu))
+        write(result, out)
+    if "embed" in parts:
+        result["embed"] = ("skipped: time budget spent" if late() else
+                           attempt(embedding, out / "runs" / "criss_cross", out / "embed",
+                                   device, cfg["embed_cells"]))
     result["elapsed_s"] = time.time() - began
     result["verdict"] = verdict(result)
     write(result, out)

@@ -12,13 +12,14 @@ directions into one launch would save launches, not bytes.
   keys, keeps its softmax statistics on chip, and writes a normalised partial output and its
   log-sum-exp. Genes reading latents need one split (the M latents are a few key blocks); latents
   reading genes split N across programs and the small [splits, M, D] partials are combined.
-- Backward, split over queries: a program owns a key block, recomputes the probabilities from the
-  saved log-sum-exp for its split of the queries, accumulates dK and dV on chip and adds dQ
-  (a plain store when one key block covers all keys, an fp32 atomic add otherwise). Under
-  ``torch.use_deterministic_algorithms(True)`` (the trainer's ``--deterministic``) no atomics
-  run: each key block stores its own fp32 dQ partial and the partials are summed in a fixed
-  order afterwards, so repeated backward passes give the same bits (the partials cost
-  ``key blocks x`` dQ's size in fp32 while the backward runs).
+- Backward, two kernels as in the flash-attention tutorial, each recomputing the probabilities
+  from the saved log-sum-exp: dQ over query blocks looping over (a split of) the keys, then dK
+  and dV over key blocks looping over (a split of) the queries. Each gradient element is written
+  by one program, or as one split's small fp32 partial summed afterwards in a fixed order. No
+  atomics anywhere: repeated backward passes give the same bits, so a resumed GPU run can repeat
+  the uninterrupted one, and no key block waits on another's dQ additions (a fused one-kernel
+  backward adding dQ with fp32 atomics ran 3.3x slower than two SDPA calls on an H200 at
+  N = 3,200, M = 200: docs/benchmarks/kernels.md).
 
 Offsets: the batch, head and split parts of every address are int64 (kernels/offsets.py); within
 one (batch, head) slice they stay int32, which the wrapper checks.
@@ -149,18 +150,76 @@ def _attn_fwd(
 
 
 @triton.jit
-def _attn_bwd(
-    Q, K, V, KMASK, O, DO, LSE, DQ, DK, DV,
+def _load_rows(Q, DO, LSE, b, h, offs_q, offs_d, q_end, sq_b, sq_h, sq_n, sdo_b, sdo_h, sdo_n,
+               sl_b, sl_h, UPCAST: tl.constexpr):
+    """A block of queries (rows ``offs_q`` below ``q_end``), their output gradients and their
+    log-sum-exps in log2 units (+inf for a row that saw no valid key: its probabilities are 0
+    and it gets no gradient)."""
+    q_in = offs_q < q_end
+    q = tl.load(Q + bh_offset(b, sq_b, h, sq_h) + offs_q[:, None] * sq_n + offs_d[None, :],
+                mask=q_in[:, None], other=0.0)
+    do = tl.load(DO + bh_offset(b, sdo_b, h, sdo_h) + offs_q[:, None] * sdo_n
+                 + offs_d[None, :], mask=q_in[:, None], other=0.0)
+    lse = tl.load(LSE + bh_offset(b, sl_b, h, sl_h) + offs_q, mask=q_in, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    return q_in, q, do, lse
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, KMASK, O, DO, LSE, DELTA, DQ,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n,
-    so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sl_b, sl_h,
-    sdq_p, sdq_b, sdq_h, sdq_n, sdk_s, sdk_b, sdk_h, sdk_n,
+    so_b, so_h, so_n, sdo_b, sdo_h, sdo_n, sl_b, sl_h, sdq_s, sdq_b, sdq_h, sdq_n,
+    H, LQ, LK, keys_per_split, qk_scale, sm_scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One query block against one split of the keys: this split's dQ, stored (no atomics).
+    The first split also stores ``delta = rowsum(dO * O)`` for the dK/dV kernel that follows."""
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, D)
+    q_in, q, do, lse = _load_rows(Q, DO, LSE, b, h, offs_q, offs_d, LQ, sq_b, sq_h, sq_n, sdo_b,
+                                  sdo_h, sdo_n, sl_b, sl_h, UPCAST)
+    o = tl.load(O + bh_offset(b, so_b, h, so_h) + offs_q[:, None] * so_n + offs_d[None, :],
+                mask=q_in[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if pid_s == 0:
+        tl.store(DELTA + bh_offset(b, sl_b, h, sl_h) + offs_q, delta, mask=q_in)
+    dq = tl.zeros([BLOCK_Q, D], tl.float32)
+    k_lo = pid_s * keys_per_split
+    k_hi = tl.minimum(k_lo + keys_per_split, LK)
+    for start in range(k_lo, k_hi, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        valid, k, v = _load_kv(K, V, KMASK, b, h, offs_k, offs_d, k_hi, sk_b, sk_h, sk_n, sv_b,
+                               sv_h, sv_n, sm_b, sm_n, HAS_MASK, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq_ptr = (DQ + wide(pid_s) * sdq_s + bh_offset(b, sdq_b, h, sdq_h) + offs_q[:, None] * sdq_n
+              + offs_d[None, :])
+    tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_in[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, KMASK, DO, LSE, DELTA, DK, DV,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n,
+    sdo_b, sdo_h, sdo_n, sl_b, sl_h, sdk_s, sdk_b, sdk_h, sdk_n,
     H, LQ, LK, queries_per_split, qk_scale, sm_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HAS_MASK: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One key block against one split of the queries: dK, dV partials; dQ added in place
-    (atomically), or stored as this key block's partial (``sdq_p``: the partials' stride, 0 when
-    there is one dQ for all key blocks)."""
+    """One key block against one split of the queries: this split's dK and dV, stored."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -173,42 +232,19 @@ def _attn_bwd(
                            sv_n, sm_b, sm_n, HAS_MASK, UPCAST)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
-    q_base = bh_offset(b, sq_b, h, sq_h)
-    o_base = bh_offset(b, so_b, h, so_h)
-    do_base = bh_offset(b, sdo_b, h, sdo_h)
-    lse_base = bh_offset(b, sl_b, h, sl_h)
-    dq_base = wide(pid_k) * sdq_p + bh_offset(b, sdq_b, h, sdq_h)
     q_lo = pid_s * queries_per_split
     q_hi = tl.minimum(q_lo + queries_per_split, LQ)
     for start in range(q_lo, q_hi, BLOCK_Q):
         offs_q = start + tl.arange(0, BLOCK_Q)
-        q_in = offs_q < q_hi
-        q = tl.load(Q + q_base + offs_q[:, None] * sq_n + offs_d[None, :],
-                    mask=q_in[:, None], other=0.0)
-        o = tl.load(O + o_base + offs_q[:, None] * so_n + offs_d[None, :],
-                    mask=q_in[:, None], other=0.0)
-        do = tl.load(DO + do_base + offs_q[:, None] * sdo_n + offs_d[None, :],
-                     mask=q_in[:, None], other=0.0)
-        lse = tl.load(LSE + lse_base + offs_q, mask=q_in, other=float("inf"))
-        # A row without any valid key has lse = -inf and output 0: it gets no gradient.
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        q_in, q, do, lse = _load_rows(Q, DO, LSE, b, h, offs_q, offs_d, q_hi, sq_b, sq_h, sq_n,
+                                      sdo_b, sdo_h, sdo_n, sl_b, sl_h, UPCAST)
+        delta = tl.load(DELTA + bh_offset(b, sl_b, h, sl_h) + offs_q, mask=q_in, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-        p = tl.where(valid[None, :], p, 0.0)
+        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v.to(do.dtype)), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-        dq_ptr = DQ + dq_base + offs_q[:, None] * sdq_n + offs_d[None, :]
-        if DQ_ATOMIC:
-            tl.atomic_add(dq_ptr, dq, mask=q_in[:, None])
-        else:
-            tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=q_in[:, None])
     dk_ptr = (wide(pid_s) * sdk_s + bh_offset(b, sdk_b, h, sdk_h)
               + offs_k[:, None] * sdk_n + offs_d[None, :])
     tl.store(DK + dk_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])
@@ -220,32 +256,41 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def _launch_options(dtype: torch.dtype, d: int, backward: bool) -> dict:
-    """Block sizes and compile options for one pass.
+def _launch_options(dtype: torch.dtype, d: int, kernel: str) -> dict:
+    """Block sizes and compile options of one kernel: "forward", "dq" or "dkdv".
 
     Interpreter: large blocks (fewer programs run faster) and fp32 math (its bf16 tl.dot is wrong).
-    GPU: fp16/bf16 use tensor cores with fp32 accumulation; fp32 inputs use exact ("ieee") dots,
-    which have no tensor-core path and so get small tiles and 8 warps (as does the D=128
-    backward). The GPU tiles were chosen by compiling for sm_90 without a device
-    (``python benchmarks/bench_kernels.py --compile-check``): half types stay within 255 registers
-    per thread without spills; fp32 (a precision/debug path) may spill a few bytes.
+    GPU: fp16/bf16 use tensor cores with fp32 accumulation; a kernel whose resident block is the
+    queries (forward, dq) takes 64 of them against 64-key steps, the dK/dV kernel 64 keys against
+    32-query steps (its two fp32 accumulators are the larger resident state); at D = 128 the
+    backward kernels halve the stepped block and take 8 warps. fp32 inputs use exact ("ieee")
+    dots, which have no tensor-core path: 32 x 32 tiles, 8 warps. The tiles were chosen by
+    compiling for sm_90 without a device (``python benchmarks/bench_kernels.py
+    --compile-check``: no spills) and timing them on an H200 (``--sweep-tiles``: of the
+    candidates these were fastest, and a third pipeline stage for the dK/dV kernel's query loads
+    took the whole backward from 0.81 to 0.74 ms at N = 3,200; docs/benchmarks/kernels.md).
     """
+    if kernel not in ("forward", "dq", "dkdv"):
+        raise ValueError(f"unknown criss-cross kernel {kernel!r}")
     interpreting = triton_interpreting()
     fp32 = dtype == torch.float32
-    small_tiles = fp32 or (backward and d > 64)
+    wide_backward = d > 64 and kernel != "forward"
     if interpreting:
-        block_q, block_k = (64, 64) if backward else (64, 128)
-    elif small_tiles:
+        block_q, block_k = (64, 128) if kernel == "forward" else (64, 64)
+    elif fp32:
         block_q, block_k = 32, 32
+    elif kernel == "dkdv":
+        block_q, block_k = (16 if wide_backward else 32), 64
     else:
-        block_q, block_k = (32, 64) if backward else (64, 64)
+        block_q, block_k = 64, (32 if wide_backward else 64)
     return dict(
         BLOCK_Q=block_q,
         BLOCK_K=block_k,
         UPCAST=interpreting or fp32,
         PRECISION="ieee" if interpreting or fp32 else "tf32",
-        num_warps=8 if small_tiles and not interpreting else 4,
-        num_stages=1 if interpreting else 2,
+        num_warps=8 if (fp32 or wide_backward) and not interpreting else 4,
+        num_stages=1 if interpreting else 3 if kernel == "dkdv" and not (
+            fp32 or wide_backward) else 2,
     )
 
 
@@ -279,7 +324,7 @@ def _attend(q, k, v, mask):
     LK = k.shape[2]
     for t in (q, k, v):
         check_slice("criss_cross_attention", t.shape, t.stride(), batch_dims=2)
-    opts = _launch_options(q.dtype, D, backward=False)
+    opts = _launch_options(q.dtype, D, "forward")
     block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
     block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
     n_q_blocks = triton.cdiv(LQ, block_q)
@@ -307,41 +352,55 @@ def _attend(q, k, v, mask):
     return (weight.unsqueeze(-1) * out).sum(0).to(q.dtype), total
 
 
-def _attend_backward(q, k, v, mask, out, d_out, lse, deterministic: bool):
+def _attend_backward(q, k, v, mask, out, d_out, lse):
     """Gradients of _attend in q, k, v (each in its input's shape, k/v dense even if expanded).
 
-    Several key blocks add to each query's dQ: with atomics by default, or (``deterministic``)
-    into one fp32 partial per key block, summed afterwards in a fixed order.
+    Two kernels, as in the flash-attention tutorial: dQ over query blocks (looping over keys),
+    then dK and dV over key blocks (looping over queries), each recomputing the probabilities
+    from the saved log-sum-exp. Every gradient element is written by one program, or as one
+    split's fp32 partial that is summed afterwards in a fixed order: no atomics, so repeated
+    backward passes give the same bits.
     """
     B, H, LQ, D = q.shape
     LK = k.shape[2]
-    opts = _launch_options(q.dtype, D, backward=True)
-    block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
-    block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
-    n_k_blocks = triton.cdiv(LK, block_k)
-    n_splits, queries_per_split = _splits(LQ, block_q, n_k_blocks * B * H, q.device)
     f32 = torch.float32
-    partials = n_k_blocks if deterministic and n_k_blocks > 1 else 1
-    dq_atomic = n_k_blocks > 1 and partials == 1
-    dq_dtype = f32 if n_k_blocks > 1 else q.dtype
-    alloc = torch.empty if partials > 1 else torch.zeros  # partials: every element is stored
-    dq = alloc((partials, B, H, LQ, D), device=q.device, dtype=dq_dtype)
-    part_dtype = k.dtype if n_splits == 1 else f32
-    dk = torch.empty((n_splits, B, H, LK, D), device=q.device, dtype=part_dtype)
-    dv = torch.empty_like(dk)
     kmask, sm_b, sm_n, has_mask = _mask_args(mask, q)
-    _attn_bwd[(n_k_blocks, n_splits, B * H)](
-        q, k, v, kmask, out, d_out, lse, dq, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n,
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dQ kernel
+    assert delta.stride() == lse.stride()
+    scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+
+    opts = _launch_options(q.dtype, D, "dq")
+    block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
+    opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
+    n_q_blocks = triton.cdiv(LQ, block_q)
+    n_splits, keys_per_split = _splits(LK, opts["BLOCK_K"], n_q_blocks * B * H, q.device)
+    dq = torch.empty((n_splits, B, H, LQ, D), device=q.device,
+                     dtype=q.dtype if n_splits == 1 else f32)
+    _attn_bwd_dq[(n_q_blocks, n_splits, B * H)](
+        q, k, v, kmask, out, d_out, lse, delta, dq, *common,
         out.stride(0), out.stride(1), out.stride(2),
         d_out.stride(0), d_out.stride(1), d_out.stride(2), lse.stride(0), lse.stride(1),
-        dq.stride(0) if partials > 1 else 0, dq.stride(1), dq.stride(2), dq.stride(3),
-        dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
-        H, LQ, LK, queries_per_split, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D),
-        D=D, HAS_MASK=has_mask, DQ_ATOMIC=dq_atomic, **opts,
+        dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
+        H, LQ, LK, keys_per_split, *scales, D=D, HAS_MASK=has_mask, **opts,
     )
-    dq = (dq[0] if partials == 1 else dq.sum(0)).to(q.dtype)
+    dq = dq[0] if n_splits == 1 else dq.sum(0).to(q.dtype)
+
+    opts = _launch_options(q.dtype, D, "dkdv")
+    opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
+    block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
+    n_k_blocks = triton.cdiv(LK, block_k)
+    n_splits, queries_per_split = _splits(LQ, opts["BLOCK_Q"], n_k_blocks * B * H, q.device)
+    dk = torch.empty((n_splits, B, H, LK, D), device=q.device,
+                     dtype=k.dtype if n_splits == 1 else f32)
+    dv = torch.empty_like(dk)
+    _attn_bwd_dkdv[(n_k_blocks, n_splits, B * H)](
+        q, k, v, kmask, d_out, lse, delta, dk, dv, *common,
+        d_out.stride(0), d_out.stride(1), d_out.stride(2), lse.stride(0), lse.stride(1),
+        dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
+        H, LQ, LK, queries_per_split, *scales, D=D, HAS_MASK=has_mask, **opts,
+    )
     if n_splits == 1:
         return dq, dk[0], dv[0]
     return dq, dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)
@@ -366,11 +425,8 @@ class _CrissCross(torch.autograd.Function):
         q_x, k_x, v_x, q_z, k_z, v_z, x_mask, out_x, lse_x, out_z, lse_z = ctx.saved_tensors
         d_out_x = _last_dim_contiguous(d_out_x)
         d_out_z = _last_dim_contiguous(d_out_z)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        dq_x, dk_z, dv_z = _attend_backward(q_x, k_z, v_z, None, out_x, d_out_x, lse_x,
-                                            deterministic)
-        dq_z, dk_x, dv_x = _attend_backward(q_z, k_x, v_x, x_mask, out_z, d_out_z, lse_z,
-                                            deterministic)
+        dq_x, dk_z, dv_z = _attend_backward(q_x, k_z, v_z, None, out_x, d_out_x, lse_x)
+        dq_z, dk_x, dv_x = _attend_backward(q_z, k_x, v_x, x_mask, out_z, d_out_z, lse_z)
         return dq_x, dk_x, dv_x, dq_z, dk_z, dv_z, None
 
 

@@ -99,8 +99,8 @@ class TrainConfig:
         "help": "seed of the initial weights and (unless --data.seed) the data stream"})
     deterministic: bool = field(default=False, metadata={
         "help": "bitwise-reproducible steps on GPUs (a resumed run then repeats the "
-                "uninterrupted one exactly): torch's deterministic algorithms and the "
-                "criss-cross backward without atomics; a little slower"})
+                "uninterrupted one exactly): torch's deterministic algorithms, a fixed "
+                "cuBLAS workspace (the criss-cross kernels are deterministic either way)"})
     log_every: int = field(default=1, metadata={"help": "TensorBoard scalars every N steps"})
     ckpt_every: int = field(default=500, metadata={"help": "checkpoint every N steps (0 = end)"})
     keep_ckpts: int = field(default=3, metadata={"help": "checkpoints kept (latest K)"})

@@ -344,9 +344,9 @@ def run_peak(cfg: TrainConfig, bf16: bool, device: torch.device) -> DevicePeak:
 
 
 def make_deterministic() -> None:
-    """Same inputs, same bits: torch's deterministic algorithms (the criss-cross backward then
-    sums dQ partials instead of adding them with atomics, SDPA's memory-efficient backward takes
-    its deterministic path), cuBLAS with a fixed workspace, no cuDNN autotuning. Strict, not
+    """Same inputs, same bits: torch's deterministic algorithms (SDPA's memory-efficient
+    backward takes its deterministic path; the criss-cross kernels use no atomics in any mode),
+    cuBLAS with a fixed workspace, no cuDNN autotuning. Strict, not
     warn-only: an op without a deterministic version stops the run with torch's error naming it,
     rather than breaking the promise silently. Called before any CUDA work."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

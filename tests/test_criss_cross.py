@@ -70,8 +70,8 @@ def _compare(dtype, B, H, N, M, D, mask_kind, shared, seed, tol, scale=1.0):
     return outs, grads, (genes, latents, mask, d_out)
 
 
-# N, M not multiples of the blocks; N=150 splits the keys of the latent side across programs and
-# makes the latent query gradient an atomic add; M=70 needs two latent key blocks in backward.
+# N, M not multiples of the blocks; N=150 splits the keys of the latent side across programs (the
+# forward's partial outputs, the backward's dQ partials); M=70 needs two latent key blocks.
 CASES = [
     (2, 2, 150, 70, 32, "random", False),
     (2, 1, 45, 13, 64, "none", True),
@@ -183,9 +183,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_gpu_tiles_through_the_interpreter(monkeypatch):
-    """The small fp32 tiles used on GPUs: many key blocks, key splits and atomic dQ adds."""
+    """The small fp32 tiles used on GPUs: many key and query blocks, splits on both sides."""
     monkeypatch.setattr(cc, "triton_interpreting", lambda: False)
-    assert cc._launch_options(torch.float32, 64, backward=True)["BLOCK_K"] == 32
+    assert cc._launch_options(torch.float32, 64, "dkdv")["BLOCK_K"] == 32
     _compare(torch.float32, 2, 1, 70, 40, 32, "random", False, seed=9,
              tol=FP32_TOL)
 
@@ -200,8 +200,8 @@ def test_gpu_configurations_compile_for_h100(repo_root):
         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
-    rows = [line.split(" | ") for line in lines if line.startswith(("forward", "backward"))]
-    assert len(rows) == 8
+    rows = [line.split(" | ") for line in lines if line.startswith(("forward", "dq", "dkdv"))]
+    assert len(rows) == 12  # three kernels at bf16 D = 32, 64, 128 and fp32 D = 64
     for kernel, dtype, d, *_, spill, _shared in rows:
         assert dtype != "bf16" or spill == "0", f"{kernel} bf16 D={d} spills {spill} bytes"
     deepset = [line.split(" | ") for line in lines if line.startswith("deepset_")]
@@ -210,44 +210,33 @@ def test_gpu_configurations_compile_for_h100(repo_root):
         assert int(d) > 512 or spill == "0", f"{kernel} d={d} spills {spill} bytes"
 
 
-@pytest.fixture
-def deterministic():
-    """torch.use_deterministic_algorithms(True) for one test (the trainer's --deterministic)."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
+def _record_splits(monkeypatch) -> dict[str, list[int]]:
+    """Spy on the backward kernels' launches: the split count (grid axis 1) of each."""
+    splits = {"dq": [], "dkdv": []}
+    for name in splits:
+        real = getattr(cc, f"_attn_bwd_{name}")
+
+        class Spy:
+            def __getitem__(self, grid, name=name, real=real):
+                splits[name].append(grid[1])
+                return real[grid]
+
+        monkeypatch.setattr(cc, f"_attn_bwd_{name}", Spy())
+    return splits
 
 
-def _record_dq_modes(monkeypatch) -> list[bool]:
-    """Spy on the backward kernel's launches: DQ_ATOMIC of each."""
-    modes, real = [], cc._attn_bwd
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                modes.append(kwargs["DQ_ATOMIC"])
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(cc, "_attn_bwd", Spy())
-    return modes
-
-
-def test_deterministic_backward_sums_partials_without_atomics(monkeypatch, deterministic):
-    """GPU tiles (several key blocks on both sides): no atomic dQ, gradients within the fp32
-    tolerance of float64 math, and two backward passes equal bit for bit."""
+def test_backward_splits_sum_partials_and_repeat_bitwise(monkeypatch):
+    """GPU tiles, several blocks and splits on both sides (dQ partials over key splits on the
+    latent side, dK/dV partials over query splits on the gene side): gradients within the fp32
+    tolerance of float64 math, and, with no atomics anywhere, two backward passes equal bit for
+    bit without torch's deterministic mode."""
     monkeypatch.setattr(cc, "triton_interpreting", lambda: False)
-    modes = _record_dq_modes(monkeypatch)
+    assert not torch.are_deterministic_algorithms_enabled()
+    splits = _record_splits(monkeypatch)
     outs, grads, (genes, latents, mask, d_out) = _compare(
         torch.float32, 2, 2, 150, 70, 32, "random", False, seed=11, tol=FP32_TOL)
-    assert modes == [False, False]
+    # launches in order: genes read latents, then latents read genes
+    assert splits["dq"][1] > 1 and splits["dkdv"][0] > 1, splits
     _, again = _run(criss_cross_attention, genes, latents, mask, d_out)
     for first, second in zip(grads, again):
         assert torch.equal(first, second)
-    torch.use_deterministic_algorithms(False)
-    modes.clear()
-    _, fast = _run(criss_cross_attention, genes, latents, mask, d_out)
-    assert modes == [True, True]  # the default path does add dQ atomically here
-    for first, second in zip(grads, fast):
-        assert _rel_err(second, first) <= FP32_TOL

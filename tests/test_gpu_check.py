@@ -85,3 +85,33 @@ def test_missing_packages_without_wheels_is_a_clear_error(repo_root, tmp_path, b
     run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=repo_root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "torch or triton wheel" in run.stderr
+
+
+def test_parts_alone_and_the_verdict_on_them(repo_root, tmp_path):
+    """--parts kernels runs the kernel checks alone (no shards, no trainer) and passes on them;
+    the verdict fails a part that was asked for and skipped or failed, and names it."""
+    out = tmp_path / "kernels"
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu", "--out", str(out),
+                          "--parts", "kernels"], cwd=repo_root, env=_env(repo_root),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["parts"] == ["kernels"] and result["trainer"] is None
+    assert "embed" not in result and not (out / "shards").exists()
+    determinism = result["kernels"]["determinism"]
+    assert determinism["deterministic_bitwise_equal"] and determinism["default_bitwise_equal"]
+    assert result["verdict"] == "PASS"
+
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    from gpu_check import verdict
+
+    kernels = result["kernels"]
+    trainer = {"runs": {"criss_cross": {"cells_per_s": 1.0},
+                        "full": {"skipped": "time budget spent"}}}
+    asked = {"parts": ["kernels", "trainer"], "kernels": kernels, "trainer": trainer}
+    assert verdict(asked) == "FAIL: trainer run full skipped (time budget spent)"
+    trainer["runs"]["full"] = {"error": "RuntimeError: rc 1"}
+    assert verdict(asked) == "FAIL: trainer run full failed"
+    bad = [dict(kernels["correctness"][0], ok=False)]
+    assert verdict({"parts": ["kernels"], "kernels": {**kernels, "correctness": bad}}) == (
+        f"FAIL: kernel {bad[0]['shapes']} {bad[0]['dtype']}")
