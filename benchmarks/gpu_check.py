@@ -22,7 +22,8 @@ On a GPU (about 7 minutes on one H200; ``--parts`` and ``--train-runs`` run a su
   in its default mode; all in bf16-mixed (the default on a GPU), and criss-cross once more in
   DeepSpeed's bf16 mode (bf16 weights) for its speed and memory. Throughput (cells/s,
   tokens/s, TFLOP/s, MFU against pretrain/device_peaks.py) is the median over the steps after
-  the first three;
+  the first three, with the share of each step spent waiting for the loader
+  (``perf/data_wait_frac``);
 - kernel speed at N = 1,024 and 3,200 (benchmarks/bench_kernels.py: Triton criss-cross, SDPA
   reference, compiled FlexAttention, SDPA flash full attention, flash-attn if installed);
 - the DeepSet encoder fused vs reference vs compiled reference, with peak memory;
@@ -309,7 +310,7 @@ def throughput(s: dict) -> dict:
     """Median of each perf scalar over the steps after the first three (compilation, warm-up;
     all steps of a shorter run)."""
     out = {}
-    for tag in ("cells_per_s", "tokens_per_s", "tflops_per_s", "mfu"):
+    for tag in ("cells_per_s", "tokens_per_s", "tflops_per_s", "mfu", "data_wait_frac"):
         series = s.get(f"perf/{tag}", [])
         values = [v for step, v in series if step > 3] or [v for _, v in series]
         out[tag] = statistics.median(values) if values else None
@@ -500,7 +501,8 @@ def report(result: dict) -> str:
                     f"{t['backend']}, {t['steps']} steps", ""]
         rows = [{"run": n, **r} for n, r in t["runs"].items()]
         out += [table(rows, ["run", "precision", "seconds", "cells_per_s", "tokens_per_s",
-                             "tflops_per_s", "mfu", "cuda_max_gib", "final_loss", "skipped"]), "",
+                             "tflops_per_s", "mfu", "data_wait_frac", "cuda_max_gib",
+                             "final_loss", "skipped"]), "",
                 f"Resume: {t.get('resume')}"]
         out += [f"\nRun {n} failed: {r['error']}" for n, r in t["runs"].items() if "error" in r]
     elif t is not None:

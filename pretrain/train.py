@@ -444,14 +444,18 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """One optimizer step over ``grad_accum`` micro-batches; returns this rank's sums: the
         loss terms as float64 tensors on the device (nothing is read back to the host here) and
-        the host-side counts (lr, cells, tokens, FLOPs)."""
+        the host-side counts (lr, cells, tokens, FLOPs, and the seconds spent waiting for the
+        data stream's next batch: the loop can queue no device work meanwhile)."""
         losses: dict[str, torch.Tensor] = {}
-        counts: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0]}  # this step's lr
+        counts: dict[str, float] = {"lr": self.scheduler.get_last_lr()[0],  # this step's lr
+                                    "data_wait": 0.0}
         for _ in range(self.run_cfg.optim.grad_accum):
             # torch's DataLoader draws from the global RNG when its iterator starts: keep that
             # out of the training stream, or a resumed run's dropout would shift by one draw.
+            waited = time.perf_counter()
             with torch.random.fork_rng(devices=[]):
                 host = next(self.batches)
+            counts["data_wait"] += time.perf_counter() - waited
             cells, length = host["gene_ids"].shape
             views = 2 if "input_counts_2" in host else 1
             counts["cells"] = counts.get("cells", 0.0) + cells
@@ -472,7 +476,8 @@ class Trainer:
         """All ranks: sum the step's figures over ranks on the engine's device (one collective,
         one read back to the host); rank 0 writes the scalars. Returns the mean total loss."""
         counts = {**counts, "corrupt_shards": float(self.loader.stats["corrupt_shards"]),
-                  "lr": counts["lr"] / self.world, "seconds": seconds / self.world}
+                  "lr": counts["lr"] / self.world, "seconds": seconds / self.world,
+                  "data_wait": counts["data_wait"] / self.world}  # means over ranks
         loss_names, count_names = sorted(losses), sorted(counts)
         host = torch.tensor([counts[k] for k in count_names], dtype=torch.float64)
         flat = torch.cat([torch.stack([losses[k] for k in loss_names]).to(self.device),
@@ -497,6 +502,9 @@ class Trainer:
         if self.peak.flops:
             w.add_scalar("perf/mfu", total["flops"] / seconds / (self.peak.flops * self.world),
                          step)
+        # near 1: the step waits on the loader (more workers, or a faster store); near 0: it
+        # does not (the host still may: launches, Python)
+        w.add_scalar("perf/data_wait_frac", min(1.0, total["data_wait"] / seconds), step)
         for r, (rss, cuda, param, optim) in enumerate(memory):
             w.add_scalar(f"memory/rss_gib/rank{r}", rss / 2**30, step)
             w.add_scalar(f"memory/param_mib/rank{r}", param / 2**20, step)

@@ -41,6 +41,7 @@ def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
     assert runs["criss_cross_killed"]["stopped"] is True
     assert runs["criss_cross_killed"]["checkpoints_left"] == ["step00000002"]
     assert runs["criss_cross"]["cells_per_s"] > 0 and runs["full"]["tokens_per_s"] > 0
+    assert 0 < runs["criss_cross"]["data_wait_frac"] < 1  # the CPU rank loads in-process
     assert len(runs["criss_cross"]["eval_loss"]) == 2
     assert set(runs) == {"criss_cross", "criss_cross_killed", "criss_cross_resumed", "full"}
     assert runs["criss_cross"]["precision"] == runs["full"]["precision"] == "fp32"

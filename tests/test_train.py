@@ -144,6 +144,7 @@ def test_tensorboard_tags(reference_run):
     scalars = _scalars(reference_run)
     for tag in ["loss/total", "loss/zinb", "loss/classification", "loss/contrastive", "opt/lr",
                 "opt/grad_norm", "perf/cells_per_s", "perf/tokens_per_s", "perf/mfu",
+                "perf/data_wait_frac",
                 "memory/rss_gib/rank0", "memory/rss_gib/rank1", "memory/param_mib/rank0",
                 "memory/optim_mib/rank1",
                 "data/corrupt_shards", "eval/loss", "eval/recon_pearson/context",
@@ -156,6 +157,7 @@ def test_tensorboard_tags(reference_run):
     assert lr[0] < lr[1] and lr[-1] < lr[1]  # warmup then decay
     assert all(np.isfinite(v) and v > 0 for _, v in scalars["perf/cells_per_s"])
     assert all(0 < v < 1 for _, v in scalars["perf/mfu"])
+    assert all(0 < v < 1 for _, v in scalars["perf/data_wait_frac"])  # in-process loader
     assert all(0.05 < v < 24 for _, v in scalars["memory/rss_gib/rank1"])
     assert all(-1 <= v <= 1 for scope in ("context", "input_zero", "dropped")
                for _, v in scalars[f"eval/recon_pearson/{scope}"])
