@@ -71,7 +71,7 @@ def test_trainer_log_and_memory_reduce_on_the_engine_device(collectives):
     trainer.loader = SimpleNamespace(stats={"corrupt_shards": 0})
     losses = {"loss/total": torch.tensor(2.0, dtype=torch.float64, device=META),
               "loss/zinb": torch.tensor(1.5, dtype=torch.float64, device=META)}
-    counts = {"lr": 1e-3, "cells": 8.0, "tokens": 100.0, "flops": 1e9}
+    counts = {"lr": 1e-3, "cells": 8.0, "tokens": 100.0, "flops": 1e9, "data_wait": 0.1}
     collectives.stop = True
     with pytest.raises(_Stop):
         trainer.log(losses, counts, 0.5)
