@@ -517,6 +517,9 @@ def report(result: dict) -> str:
                        "bf16_cells_per_s", "cos_min", "max_abs", "same_type", "kept_neighbours"])]
     elif e is not None:
         out += ["", f"pretrain.embed: {e}"]
+    if result.get("part_seconds"):
+        out += ["", "Seconds per part: " + ", ".join(
+            f"{part} {sec:.0f}" for part, sec in result["part_seconds"].items())]
     out += ["", f"Verdict: {result.get('verdict', 'unfinished')}  "
                 f"({result.get('elapsed_s', 0):.0f} s)"]
     return "\n".join(out) + "\n"
@@ -604,9 +607,18 @@ def main() -> int:
                                                                               args.cpu)
 
     result: dict = {"device": device_info(args.cpu), "parts": args.parts, "kernels": {},
-                    "trainer": None}
+                    "trainer": None, "part_seconds": {}}
     write(result, out)
     k = result["kernels"]
+    mark = [time.time()]
+
+    def done(part: str) -> None:
+        """Save the result with the part's seconds (what a run on a lent GPU is sized from;
+        the trainer's include waiting for the shards)."""
+        now = time.time()
+        result["part_seconds"][part] = now - mark[0]
+        mark[0] = now
+        write(result, out)
 
     def late() -> bool:  # on a GPU, parts after the budget are skipped
         return not args.cpu and time.time() > deadline
@@ -614,7 +626,7 @@ def main() -> int:
     if "kernels" in parts:
         k["correctness"] = attempt(kernel_correctness, cfg, device)
         k["determinism"] = attempt(kernel_determinism, cfg, device)
-        write(result, out)
+        done("kernels")
     if "trainer" in parts:
         if builder is not None and builder.wait() != 0:
             raise RuntimeError(f"building shards failed; see {out / 'build_shards.log'}")
@@ -623,19 +635,20 @@ def main() -> int:
                                         tuple(args.train_runs))
         except Exception as e:  # keep the kernel figures; the verdict names the failure
             result["trainer"] = {"error": f"{type(e).__name__}: {e}"}
-        write(result, out)
+        done("trainer")
     if "speed" in parts:
         k["speed"] = ("no GPU: timings need one" if args.cpu else
                       "skipped: time budget spent" if late() else attempt(kernel_speed))
-        write(result, out)
+        done("speed")
     if "deepset" in parts:
         k["deepset"] = ("skipped: time budget spent" if late() else
                         attempt(deepset_rows, args.cpu))
-        write(result, out)
+        done("deepset")
     if "embed" in parts:
         result["embed"] = ("skipped: time budget spent" if late() else
                            attempt(embedding, out / "runs" / "criss_cross", out / "embed",
                                    device, cfg["embed_cells"]))
+        done("embed")
     result["elapsed_s"] = time.time() - began
     result["verdict"] = verdict(result)
     write(result, out)

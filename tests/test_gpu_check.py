@@ -28,6 +28,9 @@ def test_cpu_steps_pass_and_write_the_report(repo_root, tmp_path):
     result = json.loads((out / "gpu_check.json").read_text())
     assert {"device", "kernels", "trainer"} <= set(result)
     assert result["verdict"] == "PASS"
+    assert list(result["part_seconds"]) == ["kernels", "trainer", "speed", "deepset", "embed"]
+    assert all(sec >= 0 for sec in result["part_seconds"].values())
+    assert sum(result["part_seconds"].values()) <= result["elapsed_s"]
     kernels = result["kernels"]
     assert {r["dtype"] for r in kernels["correctness"]} == {"float32", "bfloat16"}
     for row in kernels["correctness"]:
@@ -98,6 +101,7 @@ def test_parts_alone_and_the_verdict_on_them(repo_root, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["parts"] == ["kernels"] and result["trainer"] is None
+    assert list(result["part_seconds"]) == ["kernels"]
     assert "embed" not in result and not (out / "shards").exists()
     determinism = result["kernels"]["determinism"]
     assert determinism["deterministic_bitwise_equal"] and determinism["default_bitwise_equal"]
