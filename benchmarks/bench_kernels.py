@@ -264,6 +264,11 @@ def sweep_tiles(cfg: CrissCrossConfig = CrissCrossConfig(16, 8, 3200, 200, 64, t
             yield row
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (want in float64)."""
+    return ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+
+
 def correctness_cpu(cfg: CrissCrossConfig = CPU_CONFIG) -> list[dict]:
     """Max |error| / max |float64 value| of outputs and gradients, kernel and reference."""
     tensors, mask = make_inputs(cfg, "cpu")
@@ -285,7 +290,7 @@ def correctness_cpu(cfg: CrissCrossConfig = CPU_CONFIG) -> list[dict]:
         got = run(fn, tensors)
         row = {"impl": impl}
         for name, g, w in zip(names, got, want):
-            row[name] = ((g.double() - w).abs().max() / w.abs().max()).item()
+            row[name] = relative_error(g, w)
         rows.append(row)
     return rows
 

@@ -311,6 +311,22 @@ def _splits(n_items: int, block: int, other_programs: int,
     return triton.cdiv(n_items, per_split), per_split
 
 
+def _plan(kernel: str, dtype: torch.dtype, d: int, lq: int, lk: int, bh: int,
+          device: torch.device) -> tuple[dict, tuple[int, int, int], int]:
+    """One kernel's launch: its options (blocks fitted to the lengths), its grid (resident
+    blocks, splits of the looped side, B * H) and the length of each split. The forward and dQ
+    kernels keep a query block resident and loop over keys; the dK/dV kernel the reverse."""
+    opts = _launch_options(dtype, d, kernel)
+    opts["BLOCK_Q"] = _block(lq, opts["BLOCK_Q"])
+    opts["BLOCK_K"] = _block(lk, opts["BLOCK_K"])
+    resident, looped = (lq, "BLOCK_Q"), (lk, "BLOCK_K")
+    if kernel == "dkdv":
+        resident, looped = looped, resident
+    n_resident = triton.cdiv(resident[0], opts[resident[1]])
+    n_splits, per_split = _splits(looped[0], opts[looped[1]], n_resident * bh, device)
+    return opts, (n_resident, n_splits, bh), per_split
+
+
 def _mask_args(mask, q):
     if mask is None:
         return q, 0, 0, False  # any pointer: never read
@@ -324,11 +340,8 @@ def _attend(q, k, v, mask):
     LK = k.shape[2]
     for t in (q, k, v):
         check_slice("criss_cross_attention", t.shape, t.stride(), batch_dims=2)
-    opts = _launch_options(q.dtype, D, "forward")
-    block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
-    block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
-    n_q_blocks = triton.cdiv(LQ, block_q)
-    n_splits, keys_per_split = _splits(LK, block_k, n_q_blocks * B * H, q.device)
+    opts, grid, keys_per_split = _plan("forward", q.dtype, D, LQ, LK, B * H, q.device)
+    n_splits = grid[1]
     f32 = torch.float32
     if n_splits == 1:
         out = torch.empty((1, B, H, LQ, D), device=q.device, dtype=q.dtype)
@@ -336,7 +349,7 @@ def _attend(q, k, v, mask):
         out = torch.empty((n_splits, B, H, LQ, D), device=q.device, dtype=f32)
     lse = torch.empty((n_splits, B, H, LQ), device=q.device, dtype=f32)
     kmask, sm_b, sm_n, has_mask = _mask_args(mask, q)
-    _attn_fwd[(n_q_blocks, n_splits, B * H)](
+    _attn_fwd[grid](
         q, k, v, kmask, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), sm_b, sm_n,
@@ -371,14 +384,11 @@ def _attend_backward(q, k, v, mask, out, d_out, lse):
     assert delta.stride() == lse.stride()
     scales = (LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
 
-    opts = _launch_options(q.dtype, D, "dq")
-    block_q = opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
-    opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
-    n_q_blocks = triton.cdiv(LQ, block_q)
-    n_splits, keys_per_split = _splits(LK, opts["BLOCK_K"], n_q_blocks * B * H, q.device)
+    opts, grid, keys_per_split = _plan("dq", q.dtype, D, LQ, LK, B * H, q.device)
+    n_splits = grid[1]
     dq = torch.empty((n_splits, B, H, LQ, D), device=q.device,
                      dtype=q.dtype if n_splits == 1 else f32)
-    _attn_bwd_dq[(n_q_blocks, n_splits, B * H)](
+    _attn_bwd_dq[grid](
         q, k, v, kmask, out, d_out, lse, delta, dq, *common,
         out.stride(0), out.stride(1), out.stride(2),
         d_out.stride(0), d_out.stride(1), d_out.stride(2), lse.stride(0), lse.stride(1),
@@ -387,15 +397,12 @@ def _attend_backward(q, k, v, mask, out, d_out, lse):
     )
     dq = dq[0] if n_splits == 1 else dq.sum(0).to(q.dtype)
 
-    opts = _launch_options(q.dtype, D, "dkdv")
-    opts["BLOCK_Q"] = _block(LQ, opts["BLOCK_Q"])
-    block_k = opts["BLOCK_K"] = _block(LK, opts["BLOCK_K"])
-    n_k_blocks = triton.cdiv(LK, block_k)
-    n_splits, queries_per_split = _splits(LQ, opts["BLOCK_Q"], n_k_blocks * B * H, q.device)
+    opts, grid, queries_per_split = _plan("dkdv", q.dtype, D, LQ, LK, B * H, q.device)
+    n_splits = grid[1]
     dk = torch.empty((n_splits, B, H, LK, D), device=q.device,
                      dtype=k.dtype if n_splits == 1 else f32)
     dv = torch.empty_like(dk)
-    _attn_bwd_dkdv[(n_k_blocks, n_splits, B * H)](
+    _attn_bwd_dkdv[grid](
         q, k, v, kmask, d_out, lse, delta, dk, dv, *common,
         d_out.stride(0), d_out.stride(1), d_out.stride(2), lse.stride(0), lse.stride(1),
         dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3),
